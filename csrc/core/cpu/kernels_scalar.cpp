@@ -1,0 +1,31 @@
+// Scalar fallback: runs on any x86-64 (and any other) CPU.
+#include "core/cpu/kernels.h"
+#include "core/half_convert.h"
+
+namespace fluxion::core::cpu::scalar {
+namespace {
+
+struct Ops {
+  using V = float;
+  static constexpr int W = 1;
+  static V zero() { return 0.f; }
+  static V set1(float x) { return x; }
+  static V load(const float* p) { return *p; }
+  static void store(float* p, V x) { *p = x; }
+  static V fmadd(V a, V b, V c) { return a * b + c; }
+  static V mul(V a, V b) { return a * b; }
+  static V add(V a, V b) { return a + b; }
+  static V sub(V a, V b) { return a - b; }
+  static float reduce_add(V x) { return x; }
+  static V load_bf16(const uint16_t* p) { return bf16_to_float(*p); }
+  static V load_fp16(const uint16_t* p) { return fp16_to_float(*p); }
+  static V exp(V x) { return x < -87.33654f ? 0.f : __builtin_expf(x); }
+};
+
+#include "core/cpu/kernels_impl.inc"
+
+}  // namespace
+
+const KernelTable kTable = {Isa::kScalar, &score_rows, &attend_rows};
+
+}  // namespace fluxion::core::cpu::scalar

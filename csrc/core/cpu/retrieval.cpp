@@ -1,0 +1,286 @@
+#include "core/cpu/retrieval.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <stdexcept>
+
+#include "core/merge.h"
+
+namespace fluxion::core::cpu {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int64_t kScoreChunkBlocks = 512;      // metadata rows per scoring work item
+constexpr int64_t kAttendChunkBytes = 128 << 10;  // K/V bytes per attention work item
+
+void prefetch_rows(const uint16_t* p, int64_t elems) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < elems * 2; off += 64) __builtin_prefetch(c + off);
+}
+
+struct BlockRows {
+  const uint16_t* k;
+  const uint16_t* v;
+  int64_t rows;
+};
+
+BlockRows block_rows(const LayerView& view, int b, int kv_head, int64_t lo, int64_t hi) {
+  const auto* pages = static_cast<const uint16_t*>(view.pages);
+  const int64_t D = view.layout.head_dim;
+  const uint16_t* page = pages + view.page_offset(b, kv_head, lo);
+  const int64_t row = lo % view.layout.page_tokens;
+  return {page + view.layout.k_offset() + row * D, page + view.layout.v_offset() + row * D, hi - lo};
+}
+
+}  // namespace
+
+void for_each_dynamic(const Executor& ex, int64_t n, const std::function<void(int64_t, int)>& fn) {
+  if (n <= 0) return;
+  const int workers = int(std::min<int64_t>(std::max(ex.num_threads, 1), n));
+  if (!ex.parallel || workers <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  ex.parallel(workers, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < n; i = next.fetch_add(1, std::memory_order_relaxed))
+        fn(i, int(w));
+    }
+  });
+}
+
+void prepare_query(const float* q, int G, int D, float scale, float* q_pos, float* q_neg, float* q_scaled) {
+  for (int64_t i = 0; i < int64_t(G) * D; ++i) {
+    q_pos[i] = q[i] > 0.f ? q[i] : 0.f;
+    q_neg[i] = q[i] < 0.f ? q[i] : 0.f;
+    q_scaled[i] = q[i] * scale;
+  }
+}
+
+void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const float* q_pos,
+                  const float* q_neg, int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride) {
+  const KernelTable& kt = kernels();
+  const int level = granularity_level(block_size);
+  const int64_t per_page = view.layout.page_tokens / block_size;
+  const auto* pages = static_cast<const uint16_t*>(view.pages);
+  const int D = view.layout.head_dim;
+  for (int64_t j = blk_begin; j < blk_end;) {
+    const int64_t in_page = j % per_page;
+    const int64_t run = std::min(blk_end - j, per_page - in_page);
+    const uint16_t* meta = pages + view.page_offset(b, kv_head, j * block_size) + view.layout.meta_offset(level) +
+                           in_page * 2 * D;
+    kt.score_rows(meta, run, q_pos, q_neg, G, D, view.dtype, scores + (j - blk_begin), stride);
+    j += run;
+  }
+}
+
+int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<float>& tmp) {
+  tmp.clear();
+  for (int64_t i = 0; i < n; ++i)
+    if (scores[i] != kNegInf && !std::isnan(scores[i])) tmp.push_back(scores[i]);
+  const int64_t m = int64_t(tmp.size());
+  k = std::min(k, m);
+  if (k <= 0) return 0;
+  int64_t count = 0;
+  if (k == m) {
+    for (int64_t i = 0; i < n; ++i)
+      if (scores[i] != kNegInf && !std::isnan(scores[i])) out[count++] = int32_t(i);
+    return count;
+  }
+  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
+  const float thr = tmp[size_t(k - 1)];
+  int64_t above = 0;
+  for (int64_t i = 0; i < n; ++i) above += scores[i] > thr;
+  int64_t ties = k - above;  // ties at the threshold go to the lowest indices
+  for (int64_t i = 0; i < n && count < k; ++i) {
+    const float s = scores[i];
+    if (s > thr || (s == thr && ties-- > 0)) out[count++] = int32_t(i);
+  }
+  return count;
+}
+
+void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const float* q_scaled,
+                   const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
+                   const OnlineSoftmax& st) {
+  const KernelTable& kt = kernels();
+  const int D = view.layout.head_dim;
+  auto rows_of = [&](int64_t i, BlockRows& r) {
+    const int64_t lo = std::max<int64_t>(int64_t(blocks[i]) * block_size, tok_begin);
+    const int64_t hi = std::min<int64_t>((int64_t(blocks[i]) + 1) * block_size, tok_end);
+    if (hi <= lo) return false;
+    r = block_rows(view, b, kv_head, lo, hi);
+    return true;
+  };
+  BlockRows cur{}, nxt{};
+  bool have_cur = nblocks > 0 && rows_of(0, cur);
+  for (int64_t i = 0; i < nblocks; ++i) {
+    // Blocks are scattered: prefetch the next one while this one is computed.
+    const bool have_nxt = i + 1 < nblocks && rows_of(i + 1, nxt);
+    if (have_nxt) {
+      prefetch_rows(nxt.k, nxt.rows * D);
+      prefetch_rows(nxt.v, nxt.rows * D);
+    }
+    if (have_cur) kt.attend_rows(cur.k, cur.v, cur.rows, q_scaled, G, masks[i], D, view.dtype, st);
+    cur = nxt;
+    have_cur = have_nxt;
+  }
+}
+
+void init_state(const OnlineSoftmax& st, int G, int D) {
+  std::fill(st.m, st.m + G, kNegInf);
+  std::fill(st.l, st.l + G, 0.f);
+  std::fill(st.acc, st.acc + int64_t(G) * D, 0.f);
+}
+
+void finalize_state(const OnlineSoftmax& st, int G, int D, float* out, float* lse) {
+  for (int h = 0; h < G; ++h) {
+    if (st.m[h] == kNegInf || !(st.l[h] > 0.f)) {
+      std::fill(out + int64_t(h) * D, out + int64_t(h + 1) * D, 0.f);
+      lse[h] = kNegInf;
+      continue;
+    }
+    const float inv = 1.f / st.l[h];
+    for (int d = 0; d < D; ++d) out[int64_t(h) * D + d] = st.acc[int64_t(h) * D + d] * inv;
+    lse[h] = st.m[h] + std::log(st.l[h]);
+  }
+}
+
+void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, const GroupTask* tasks, int64_t n,
+                     const Executor& ex) {
+  if (G <= 0 || G > 64) throw std::invalid_argument("query heads per KV head must be in [1, 64]");
+  const int D = view.layout.head_dim;
+  const int64_t GD = int64_t(G) * D;
+  const int64_t eb = 2;
+
+  // Plan: per task, its candidate range, per-head k and offsets into shared buffers.
+  struct Plan {
+    RetrievalRange range;
+    int64_t ncand = 0;
+    std::vector<int64_t> k;
+    int64_t score_off = 0, sel_off = 0, q_off = 0;
+    std::vector<int64_t> sel_count;
+    std::vector<int32_t> blocks;  // union of the heads' selections, absolute block ids, ascending
+    std::vector<uint64_t> masks;
+    int64_t item_begin = 0, item_end = 0;
+  };
+  std::vector<Plan> plans(static_cast<size_t>(n));
+  int64_t score_total = 0, sel_total = 0;
+  std::vector<std::pair<int64_t, int64_t>> score_items;  // (task, first candidate)
+  for (int64_t t = 0; t < n; ++t) {
+    const GroupTask& task = tasks[t];
+    Plan& p = plans[t];
+    if (granularity_level(task.block_size) < 0) throw std::invalid_argument("block_size must be 16, 32, 64 or 128");
+    const int64_t len = view.seq_lens[task.b];
+    p.range = retrieval_range(len, cfg.sink, cfg.local, task.block_size);
+    p.ncand = p.range.block_end - p.range.block_begin;
+    p.k.assign(size_t(G), 0);
+    int64_t ksum = 0;
+    for (int h = 0; h < G; ++h) {
+      p.k[h] = budget_blocks(task.budgets[h], len, task.block_size, p.ncand);
+      ksum += p.k[h];
+    }
+    p.sel_count.assign(size_t(G), 0);
+    p.q_off = t * 3 * GD;
+    if (ksum == 0) continue;
+    p.score_off = score_total;
+    score_total += G * p.ncand;
+    p.sel_off = sel_total;
+    sel_total += ksum;
+    for (int64_t c = 0; c < p.ncand; c += kScoreChunkBlocks) score_items.emplace_back(t, c);
+  }
+  std::vector<float> qbuf(static_cast<size_t>(n * 3 * GD));
+  std::vector<float> scores(static_cast<size_t>(score_total));
+  std::vector<int32_t> sel(static_cast<size_t>(sel_total));
+  for (int64_t t = 0; t < n; ++t)
+    prepare_query(tasks[t].q, G, D, cfg.scale, &qbuf[plans[t].q_off], &qbuf[plans[t].q_off + GD],
+                  &qbuf[plans[t].q_off + 2 * GD]);
+
+  // 1. Scores, in chunks of candidate blocks.
+  for_each_dynamic(ex, int64_t(score_items.size()), [&](int64_t i, int) {
+    const auto [t, c] = score_items[size_t(i)];
+    const Plan& p = plans[t];
+    const int64_t begin = p.range.block_begin + c, end = std::min(begin + kScoreChunkBlocks, p.range.block_end);
+    score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, &qbuf[p.q_off], &qbuf[p.q_off + GD], begin,
+                 end, &scores[size_t(p.score_off + c)], p.ncand);
+  });
+
+  // 2. Top-k per (task, head).
+  std::vector<std::vector<float>> tmp(size_t(std::max(ex.num_threads, 1)));
+  for_each_dynamic(ex, n * G, [&](int64_t i, int w) {
+    const int64_t t = i / G;
+    const int h = int(i % G);
+    Plan& p = plans[t];
+    if (p.k[h] == 0) return;
+    int64_t off = p.sel_off;
+    for (int hh = 0; hh < h; ++hh) off += p.k[hh];
+    p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)], tmp[w]);
+  });
+
+  // 3. Union of the heads' selections per task, with a head mask per block; split into work items.
+  for_each_dynamic(ex, n, [&](int64_t t, int) {
+    Plan& p = plans[t];
+    std::vector<uint64_t> mark(static_cast<size_t>(p.ncand), 0);
+    int64_t off = p.sel_off;
+    for (int h = 0; h < G; ++h) {
+      for (int64_t i = 0; i < p.sel_count[h]; ++i) mark[size_t(sel[size_t(off + i)])] |= uint64_t(1) << h;
+      off += p.k[h];
+    }
+    for (int64_t j = 0; j < p.ncand; ++j) {
+      if (mark[size_t(j)]) {
+        p.blocks.push_back(int32_t(p.range.block_begin + j));
+        p.masks.push_back(mark[size_t(j)]);
+      }
+    }
+  });
+  std::vector<std::pair<int64_t, int64_t>> items;  // (task, first union index)
+  for (int64_t t = 0; t < n; ++t) {
+    Plan& p = plans[t];
+    const int64_t per_item = std::max<int64_t>(1, kAttendChunkBytes / (2 * tasks[t].block_size * D * eb));
+    p.item_begin = int64_t(items.size());
+    for (int64_t i = 0; i < int64_t(p.blocks.size()); i += per_item) items.emplace_back(t, i);
+    p.item_end = int64_t(items.size());
+    if (tasks[t].bytes_read) {
+      const bool scanned = !p.blocks.empty() || std::any_of(p.k.begin(), p.k.end(), [](int64_t k) { return k > 0; });
+      *tasks[t].bytes_read = (scanned ? p.ncand * 2 * D * eb : 0) +
+                             int64_t(p.blocks.size()) * 2 * tasks[t].block_size * D * eb;
+    }
+  }
+
+  // 4. Attention over chunks of the union: partial states (out, lse) per item.
+  std::vector<float> part_out(size_t(items.size()) * GD), part_lse(size_t(items.size()) * G);
+  std::vector<std::vector<float>> state(size_t(std::max(ex.num_threads, 1)), std::vector<float>(size_t(GD + 2 * G)));
+  for_each_dynamic(ex, int64_t(items.size()), [&](int64_t i, int w) {
+    const auto [t, first] = items[size_t(i)];
+    const Plan& p = plans[t];
+    const GroupTask& task = tasks[t];
+    const int64_t per_item = std::max<int64_t>(1, kAttendChunkBytes / (2 * task.block_size * D * eb));
+    const int64_t count = std::min<int64_t>(per_item, int64_t(p.blocks.size()) - first);
+    float* s = state[size_t(w)].data();
+    OnlineSoftmax st{s, s + G, s + 2 * G};
+    init_state(st, G, D);
+    attend_blocks(view, task.b, task.kv_head, G, task.block_size, &qbuf[p.q_off + 2 * GD], &p.blocks[size_t(first)],
+                  &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st);
+    finalize_state(st, G, D, &part_out[size_t(i * GD)], &part_lse[size_t(i * G)]);
+  });
+
+  // 5. Merge each task's partial states.
+  for_each_dynamic(ex, n, [&](int64_t t, int) {
+    const Plan& p = plans[t];
+    const int S = int(p.item_end - p.item_begin);
+    for (int h = 0; h < G; ++h) {
+      if (S == 0) {
+        std::fill(tasks[t].out + int64_t(h) * D, tasks[t].out + int64_t(h + 1) * D, 0.f);
+        tasks[t].lse[h] = kNegInf;
+        continue;
+      }
+      merge_states_one(&part_out[size_t(p.item_begin * GD + h * D)], &part_lse[size_t(p.item_begin * G + h)], S, GD, G,
+                       D, tasks[t].out + int64_t(h) * D, tasks[t].lse + h);
+    }
+  });
+}
+
+}  // namespace fluxion::core::cpu

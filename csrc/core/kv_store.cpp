@@ -1,0 +1,305 @@
+#include "core/kv_store.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <sstream>
+
+#include "core/half_convert.h"
+
+namespace fluxion::core {
+namespace {
+
+constexpr int64_t kCommitAlign = int64_t(2) << 20;    // 2 MiB: huge-page friendly, page-aligned for pinning
+constexpr int64_t kMinCommitBytes = int64_t(64) << 20;
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+std::string mib(int64_t bytes) {
+  std::ostringstream os;
+  os.precision(1);
+  os << std::fixed << double(bytes) / double(1 << 20) << " MiB";
+  return os.str();
+}
+
+float to_float(uint16_t x, DType dt) { return dt == DType::kBFloat16 ? bf16_to_float(x) : fp16_to_float(x); }
+uint16_t from_float(float x, DType dt) { return dt == DType::kBFloat16 ? float_to_bf16(x) : float_to_fp16(x); }
+
+}  // namespace
+
+HostKVStore::HostKVStore(const StoreConfig& config, std::shared_ptr<HostPinner> pinner)
+    : config_(config), pinner_(std::move(pinner)) {
+  if (config.num_layers <= 0) throw std::invalid_argument("num_layers must be positive, got " + std::to_string(config.num_layers));
+  if (config.num_kv_heads <= 0) throw std::invalid_argument("num_kv_heads must be positive, got " + std::to_string(config.num_kv_heads));
+  if (config.head_dim != 64 && config.head_dim != 128)
+    throw std::invalid_argument("head_dim must be 64 or 128, got " + std::to_string(config.head_dim));
+  if (config.page_tokens <= 0 || config.page_tokens % kMaxGranularity != 0)
+    throw std::invalid_argument("page_tokens must be a positive multiple of 128, got " + std::to_string(config.page_tokens));
+  if (config.byte_cap < 0) throw std::invalid_argument("byte_cap must be >= 0, got " + std::to_string(config.byte_cap));
+  layout_ = PageLayout{config.page_tokens, config.head_dim, config.num_kv_heads};
+
+  int64_t want = config.byte_cap;
+  if (want == 0) {
+    // No cap: reserve address space for all of physical memory (pinned memory cannot exceed it anyway).
+    const int64_t phys = int64_t(sysconf(_SC_PHYS_PAGES)) * int64_t(sysconf(_SC_PAGESIZE));
+    want = std::max<int64_t>(phys, int64_t(1) << 30);
+  }
+  want = std::min<int64_t>(want, int64_t(INT32_MAX) * frame_bytes());
+  reserved_bytes_ = round_up(want, kCommitAlign);
+  void* p = mmap(nullptr, size_t(reserved_bytes_), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) throw std::runtime_error("HostKVStore: could not reserve " + mib(reserved_bytes_) + " of address space");
+  arena_ = p;
+#ifdef MADV_HUGEPAGE
+  madvise(arena_, size_t(reserved_bytes_), MADV_HUGEPAGE);  // fewer TLB misses on scattered block reads
+#endif
+}
+
+HostKVStore::~HostKVStore() {
+  if (pinner_) {
+    for (auto& [ptr, bytes] : pinned_chunks_) {
+      try {
+        pinner_->unpin(ptr, bytes);
+      } catch (...) {
+        // Destruction must not throw; the mapping is released below either way.
+      }
+    }
+  }
+  if (arena_) munmap(arena_, size_t(reserved_bytes_));
+}
+
+void HostKVStore::check_layer(int layer) const {
+  if (layer < 0 || layer >= config_.num_layers)
+    throw std::out_of_range("layer must be in [0, " + std::to_string(config_.num_layers) + "), got " + std::to_string(layer));
+}
+
+void HostKVStore::check_seq(int seq) const {
+  if (!has_sequence(seq)) throw std::out_of_range("unknown sequence id " + std::to_string(seq));
+}
+
+bool HostKVStore::has_sequence(int seq) const { return seq >= 0 && seq < int(seqs_.size()) && seqs_[seq].live; }
+
+std::vector<int> HostKVStore::sequences() const {
+  std::vector<int> out;
+  for (int i = 0; i < int(seqs_.size()); ++i)
+    if (seqs_[i].live) out.push_back(i);
+  return out;
+}
+
+int HostKVStore::add_sequence() {
+  Sequence s;
+  s.frames.assign(config_.num_layers, {});
+  s.lengths.assign(config_.num_layers, 0);
+  s.live = true;
+  for (int i = 0; i < int(seqs_.size()); ++i) {
+    if (!seqs_[i].live) {
+      seqs_[i] = std::move(s);
+      return i;
+    }
+  }
+  seqs_.push_back(std::move(s));
+  return int(seqs_.size()) - 1;
+}
+
+void HostKVStore::free_sequence(int seq) {
+  check_seq(seq);
+  Sequence& s = seqs_[seq];
+  for (int l = 0; l < config_.num_layers; ++l) {
+    stored_tokens_ -= s.lengths[l];
+    for (int32_t f : s.frames[l]) free_frames_.push_back(f);
+  }
+  s = Sequence{};
+}
+
+int64_t HostKVStore::seq_len(int layer, int seq) const {
+  check_layer(layer);
+  check_seq(seq);
+  return seqs_[seq].lengths[layer];
+}
+
+const std::vector<int32_t>& HostKVStore::frames(int layer, int seq) const {
+  check_layer(layer);
+  check_seq(seq);
+  return seqs_[seq].frames[layer];
+}
+
+void HostKVStore::reserve_free_frames(int64_t frames_needed) {
+  const int64_t missing = frames_needed - int64_t(free_frames_.size());
+  if (missing <= 0) return;
+  const int64_t fb = frame_bytes();
+  const int64_t os_page = int64_t(sysconf(_SC_PAGESIZE));
+  const int64_t need_end = round_up((committed_frames_ + missing) * fb, os_page);
+  int64_t limit = config_.byte_cap > 0 ? std::min(config_.byte_cap, reserved_bytes_) : reserved_bytes_;
+  limit = limit / os_page * os_page;
+  if (need_end > limit) {
+    std::ostringstream os;
+    os << "HostKVStore: appending needs " << missing << " more frame(s) of " << mib(fb) << " ("
+       << mib(need_end) << " committed in all), over the " << (config_.byte_cap > 0 ? "byte_cap of " : "reservation of ")
+       << mib(limit) << "; nothing was stored. Raise byte_cap or free sequences.";
+    throw CapacityError(os.str());
+  }
+  // Grow by at least a quarter of what is committed (and 64 MiB) so pinning calls stay few.
+  int64_t new_end = std::max(need_end, committed_bytes_ + std::max(kMinCommitBytes, committed_bytes_ / 4));
+  new_end = std::min(round_up(new_end, kCommitAlign), limit);
+  if (new_end > committed_bytes_) {
+    char* base = static_cast<char*>(arena_) + committed_bytes_;
+    const size_t bytes = size_t(new_end - committed_bytes_);
+    if (mprotect(base, bytes, PROT_READ | PROT_WRITE) != 0)
+      throw std::runtime_error("HostKVStore: could not commit " + mib(int64_t(bytes)) + " of host memory");
+    if (pinner_) {
+      try {
+        pinner_->pin(base, bytes);
+      } catch (...) {
+        mprotect(base, bytes, PROT_NONE);
+        throw;
+      }
+      pinned_chunks_.emplace_back(base, bytes);
+      pinned_bytes_ += int64_t(bytes);
+    }
+    committed_bytes_ = new_end;
+  }
+  const int64_t new_frames = std::min<int64_t>(committed_bytes_ / fb, INT32_MAX);
+  // Hand out low frame ids first: the free list is used as a stack.
+  for (int64_t f = new_frames - 1; f >= committed_frames_; --f) free_frames_.push_back(int32_t(f));
+  committed_frames_ = new_frames;
+}
+
+void HostKVStore::append(int layer, const std::vector<AppendItem>& items, const ParallelFor& parallel) {
+  check_layer(layer);
+  int64_t frames_needed = 0;
+  const int64_t P = config_.page_tokens;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const AppendItem& it = items[i];
+    check_seq(it.seq);
+    for (size_t j = 0; j < i; ++j)
+      if (items[j].seq == it.seq) throw std::invalid_argument("sequence " + std::to_string(it.seq) + " appears twice in one append");
+    if (it.src.num_tokens < 0) throw std::invalid_argument("num_tokens must be >= 0");
+    if (it.src.num_tokens > 0 && (it.src.k == nullptr || it.src.v == nullptr)) throw std::invalid_argument("null K/V source");
+    const int64_t n0 = seqs_[it.seq].lengths[layer];
+    const int64_t have = int64_t(seqs_[it.seq].frames[layer].size());
+    frames_needed += std::max<int64_t>(0, (n0 + it.src.num_tokens + P - 1) / P - have);
+  }
+  reserve_free_frames(frames_needed);  // throws before anything changes
+  for (const AppendItem& it : items) {
+    Sequence& s = seqs_[it.seq];
+    const int64_t n_end = s.lengths[layer] + it.src.num_tokens;
+    while (int64_t(s.frames[layer].size()) * P < n_end) {
+      s.frames[layer].push_back(free_frames_.back());
+      free_frames_.pop_back();
+    }
+  }
+  for (const AppendItem& it : items) write_tokens(layer, seqs_[it.seq], it.src, parallel);
+}
+
+void HostKVStore::write_tokens(int layer, Sequence& s, const TokenSource& src, const ParallelFor& parallel) {
+  const int64_t T = src.num_tokens;
+  if (T == 0) return;
+  const int64_t n0 = s.lengths[layer];
+  const int64_t n1 = n0 + T;
+  const int64_t P = config_.page_tokens;
+  const int D = config_.head_dim;
+  const int H = config_.num_kv_heads;
+  const DType dt = config_.dtype;
+  const int64_t first_frame = n0 / P;
+  const int64_t num_spans = (n1 - 1) / P - first_frame + 1;
+  const std::vector<int32_t>& frames = s.frames[layer];
+
+  // One work item = one KV head x one frame span: blocks never cross frames, so items are independent.
+  auto work = [&](int64_t begin, int64_t end) {
+    std::vector<float> mn(D), mx(D);
+    for (int64_t item = begin; item < end; ++item) {
+      const int h = int(item % H);
+      const int64_t span = first_frame + item / H;
+      const int64_t a = std::max(n0, span * P), b = std::min(n1, (span + 1) * P);
+      uint16_t* page = this->page(frames[span], h);
+      const auto* ks = static_cast<const uint16_t*>(src.k) + h * src.head_stride;
+      const auto* vs = static_cast<const uint16_t*>(src.v) + h * src.head_stride;
+      for (int64_t t = a; t < b; ++t) {
+        const int64_t row = t - span * P;
+        std::memcpy(page + layout_.k_offset() + row * D, ks + (t - n0) * src.token_stride, size_t(D) * 2);
+        std::memcpy(page + layout_.v_offset() + row * D, vs + (t - n0) * src.token_stride, size_t(D) * 2);
+      }
+      // Finest level from the keys; a block that already held tokens folds the new ones into its min/max.
+      const uint16_t* kpage = page + layout_.k_offset();
+      uint16_t* meta0 = page + layout_.meta_offset(0);
+      for (int64_t j = a / 16; j <= (b - 1) / 16; ++j) {
+        const int64_t lo = std::max(a, j * 16), hi = std::min(b, (j + 1) * 16);
+        uint16_t* row = meta0 + ((j * 16 - span * P) / 16) * 2 * D;
+        const bool existed = j * 16 < n0;
+        for (int d = 0; d < D; ++d) {
+          mn[d] = existed ? to_float(row[d], dt) : to_float(kpage[(lo - span * P) * D + d], dt);
+          mx[d] = existed ? to_float(row[D + d], dt) : mn[d];
+        }
+        for (int64_t t = lo; t < hi; ++t) {
+          const uint16_t* kr = kpage + (t - span * P) * D;
+          for (int d = 0; d < D; ++d) {
+            const float x = to_float(kr[d], dt);
+            mn[d] = x < mn[d] ? x : mn[d];
+            mx[d] = x > mx[d] ? x : mx[d];
+          }
+        }
+        for (int d = 0; d < D; ++d) {
+          row[d] = from_float(mn[d], dt);
+          row[D + d] = from_float(mx[d], dt);
+        }
+      }
+      // Coarser levels from the finer ones: block j of level l = blocks 2j and 2j+1 of level l-1.
+      for (int l = 1; l < kNumGranularities; ++l) {
+        const int64_t g = kGranularities[l], half = g / 2;
+        const uint16_t* fine = page + layout_.meta_offset(l - 1);
+        uint16_t* coarse = page + layout_.meta_offset(l);
+        for (int64_t j = a / g; j <= (b - 1) / g; ++j) {
+          const int64_t jl = j - span * P / g;
+          const uint16_t* c0 = fine + (2 * jl) * 2 * D;
+          const bool has_second = (2 * j + 1) * half < n1;
+          const uint16_t* c1 = fine + (2 * jl + 1) * 2 * D;
+          uint16_t* row = coarse + jl * 2 * D;
+          for (int d = 0; d < D; ++d) {
+            float lo_v = to_float(c0[d], dt), hi_v = to_float(c0[D + d], dt);
+            if (has_second) {
+              const float lo2 = to_float(c1[d], dt), hi2 = to_float(c1[D + d], dt);
+              lo_v = lo2 < lo_v ? lo2 : lo_v;
+              hi_v = hi2 > hi_v ? hi2 : hi_v;
+            }
+            row[d] = from_float(lo_v, dt);
+            row[D + d] = from_float(hi_v, dt);
+          }
+        }
+      }
+    }
+  };
+  const int64_t items = num_spans * H;
+  if (parallel && items > 1) {
+    parallel(items, work);
+  } else {
+    work(0, items);
+  }
+  s.lengths[layer] = n1;
+  stored_tokens_ += T;
+}
+
+StoreStats HostKVStore::stats() const {
+  StoreStats st;
+  const int64_t H = config_.num_kv_heads, D = config_.head_dim, eb = elem_bytes();
+  int64_t blocks = 0;
+  for (const Sequence& s : seqs_) {
+    if (!s.live) continue;
+    ++st.num_sequences;
+    for (int l = 0; l < config_.num_layers; ++l) {
+      for (int g : kGranularities) blocks += (s.lengths[l] + g - 1) / g;
+      st.frames_in_use += int64_t(s.frames[l].size());
+    }
+  }
+  st.kv_bytes = stored_tokens_ * H * 2 * D * eb;
+  st.metadata_bytes = blocks * H * 2 * D * eb;
+  st.allocated_bytes = st.frames_in_use * frame_bytes();
+  st.frames_committed = committed_frames_;
+  st.committed_bytes = committed_bytes_;
+  st.pinned_bytes = pinned_bytes_;
+  st.reserved_bytes = reserved_bytes_;
+  st.byte_cap = config_.byte_cap;
+  return st;
+}
+
+}  // namespace fluxion::core

@@ -1,0 +1,136 @@
+// Host-resident block KV store: for every layer x sequence x KV head, K and V of all tokens plus key
+// min/max metadata at granularities 16/32/64/128, laid out as in layout.h.
+//
+// Memory: one virtual address range is reserved up front and committed in chunks as the cache grows, so
+// the arena is a single base pointer (kernels index pages by a 32-bit frame id) and growth never copies
+// stored data. When a HostPinner is given, every committed chunk is page-locked (cudaHostRegister) and
+// the GPU reads it in place over PCIe. An optional byte cap is checked before anything is committed or
+// written: a failing append throws and leaves every stored token and all metadata as they were.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "core/layout.h"
+
+namespace fluxion::core {
+
+// Page-locks host ranges for device access. Implemented by the CUDA glue; absent in CPU-only builds.
+class HostPinner {
+ public:
+  virtual ~HostPinner() = default;
+  virtual void pin(void* ptr, size_t bytes) = 0;
+  virtual void unpin(void* ptr, size_t bytes) = 0;
+};
+
+// Runs fn(begin, end) over [0, n) in parallel chunks (ATen's pool in the glue; serial by default).
+using ParallelFor = std::function<void(int64_t n, const std::function<void(int64_t, int64_t)>& fn)>;
+
+// Raised for a byte cap that an append would exceed (the store is unchanged).
+class CapacityError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct StoreConfig {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int page_tokens = 256;
+  DType dtype = DType::kBFloat16;
+  int64_t byte_cap = 0;  // 0: no cap (the reservation is sized from physical memory)
+};
+
+struct StoreStats {
+  int64_t kv_bytes = 0;         // K and V of stored tokens
+  int64_t metadata_bytes = 0;   // key min/max of stored blocks, all four granularities
+  int64_t allocated_bytes = 0;  // frames in use (includes the unused tail of each last frame)
+  int64_t committed_bytes = 0;  // arena memory committed (in use or free frames)
+  int64_t pinned_bytes = 0;     // committed and page-locked
+  int64_t reserved_bytes = 0;   // virtual reservation
+  int64_t byte_cap = 0;
+  int64_t frames_in_use = 0;
+  int64_t frames_committed = 0;
+  int64_t num_sequences = 0;
+};
+
+// A contiguous-last-dim source of T tokens for all Hkv heads of one sequence: element (h, t, d) is at
+// base + h * head_stride + t * token_stride + d (strides in elements).
+struct TokenSource {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t head_stride = 0;
+  int64_t token_stride = 0;
+  int64_t num_tokens = 0;
+};
+
+struct AppendItem {
+  int seq = -1;
+  TokenSource src;
+};
+
+class HostKVStore {
+ public:
+  HostKVStore(const StoreConfig& config, std::shared_ptr<HostPinner> pinner = nullptr);
+  ~HostKVStore();
+  HostKVStore(const HostKVStore&) = delete;
+  HostKVStore& operator=(const HostKVStore&) = delete;
+
+  int add_sequence();
+  // Returns the sequence's frames to the free list (kept committed for reuse).
+  void free_sequence(int seq);
+  // Appends tokens for several sequences of one layer, all or nothing (validation and capacity are
+  // checked before the first byte is written).
+  void append(int layer, const std::vector<AppendItem>& items, const ParallelFor& parallel = {});
+
+  int64_t seq_len(int layer, int seq) const;
+  const std::vector<int32_t>& frames(int layer, int seq) const;
+  bool has_sequence(int seq) const;
+  std::vector<int> sequences() const;
+
+  void* arena() const { return arena_; }
+  int64_t committed_frames() const { return committed_frames_; }
+  PageLayout layout() const { return layout_; }
+  const StoreConfig& config() const { return config_; }
+  int64_t elem_bytes() const { return 2; }
+  int64_t frame_bytes() const { return layout_.frame_elems() * elem_bytes(); }
+  bool pinned() const { return pinner_ != nullptr; }
+  StoreStats stats() const;
+
+  // Pointer to page (frame, kv_head).
+  uint16_t* page(int32_t frame, int kv_head) const {
+    return static_cast<uint16_t*>(arena_) + (int64_t(frame) * layout_.num_kv_heads + kv_head) * layout_.page_elems();
+  }
+
+ private:
+  struct Sequence {
+    std::vector<std::vector<int32_t>> frames;  // [layer] -> frame ids
+    std::vector<int64_t> lengths;              // [layer]
+    bool live = false;
+  };
+  void check_layer(int layer) const;
+  void check_seq(int seq) const;
+  // Makes at least `frames_needed` free frames available, committing (and pinning) memory; throws
+  // CapacityError without changing anything if the cap or the reservation would be exceeded.
+  void reserve_free_frames(int64_t frames_needed);
+  void write_tokens(int layer, Sequence& s, const TokenSource& src, const ParallelFor& parallel);
+
+  StoreConfig config_;
+  PageLayout layout_;
+  std::shared_ptr<HostPinner> pinner_;
+  void* arena_ = nullptr;
+  int64_t reserved_bytes_ = 0;
+  int64_t committed_frames_ = 0;
+  int64_t committed_bytes_ = 0;
+  int64_t pinned_bytes_ = 0;
+  std::vector<std::pair<void*, size_t>> pinned_chunks_;
+  std::vector<int32_t> free_frames_;
+  std::vector<Sequence> seqs_;
+  int64_t stored_tokens_ = 0;  // sum over layers, sequences of lengths (per KV head)
+  int64_t stored_blocks_ = 0;  // sum of min/max rows written across granularities, per KV head
+};
+
+}  // namespace fluxion::core

@@ -1,0 +1,66 @@
+// fluxion._C: a Python module that only loads the op library, plus two tiny functions for the SIMD level
+// (no pybind11: ops and classes are registered with the dispatcher when this library loads).
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "core/cpu/kernels.h"
+
+namespace {
+
+using fluxion::core::cpu::Isa;
+
+PyObject* simd_level(PyObject*, PyObject*) {
+  return PyUnicode_FromString(fluxion::core::cpu::isa_name(fluxion::core::cpu::active_isa()));
+}
+
+PyObject* simd_supported(PyObject*, PyObject*) {
+  PyObject* list = PyList_New(0);
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+    if (!fluxion::core::cpu::isa_supported(isa)) continue;
+    PyObject* s = PyUnicode_FromString(fluxion::core::cpu::isa_name(isa));
+    PyList_Append(list, s);
+    Py_DECREF(s);
+  }
+  return list;
+}
+
+PyObject* set_simd_level(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+  const std::string s(name);
+  Isa isa;
+  if (s == "scalar") isa = Isa::kScalar;
+  else if (s == "avx2") isa = Isa::kAvx2;
+  else if (s == "avx512") isa = Isa::kAvx512;
+  else {
+    PyErr_Format(PyExc_ValueError, "simd level must be scalar, avx2 or avx512, got '%s'", name);
+    return nullptr;
+  }
+  try {
+    fluxion::core::cpu::set_active_isa(isa);
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* parallel_info(PyObject*, PyObject*) { return PyUnicode_FromString(at::get_parallel_info().c_str()); }
+
+PyMethodDef kMethods[] = {
+    {"simd_level", simd_level, METH_NOARGS, "SIMD level the CPU kernels use now."},
+    {"simd_supported", simd_supported, METH_NOARGS, "SIMD levels this CPU supports."},
+    {"set_simd_level", set_simd_level, METH_O, "Use 'scalar', 'avx2' or 'avx512' kernels (must be supported)."},
+    {"parallel_info", parallel_info, METH_NOARGS, "ATen's parallel backend and thread settings."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "Fluxion op library (ops live under torch.ops.fluxion).", -1,
+                       kMethods};
+
+}  // namespace
+
+extern "C" PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

@@ -1,0 +1,264 @@
+// torch.classes.fluxion.HostKVStore: the C++ host KV store exposed to Python (wrapped by fluxion.HostKVStore).
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "core/kv_store.h"
+#include "ops/checks.h"
+#include "ops/cpu_executor.h"
+#include "ops/store_class.h"
+
+#ifdef FLUXION_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fluxion::ops {
+namespace {
+
+#ifdef FLUXION_WITH_CUDA
+// Page-locks committed arena chunks in place so kernels read them over PCIe (UVA: host pointer == device pointer).
+class CudaHostPinner : public core::HostPinner {
+ public:
+  void pin(void* ptr, size_t bytes) override {
+    const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
+    if (err != cudaSuccess) {
+      cudaGetLastError();
+      throw std::runtime_error(std::string("HostKVStore: cudaHostRegister of ") + std::to_string(bytes >> 20) +
+                               " MiB failed: " + cudaGetErrorString(err));
+    }
+  }
+  void unpin(void* ptr, size_t) override { cudaHostUnregister(ptr); }
+};
+#endif
+
+bool cuda_device_present() {
+#ifdef FLUXION_WITH_CUDA
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return n > 0;
+#else
+  return false;
+#endif
+}
+
+std::shared_ptr<core::HostPinner> make_pinner(int64_t pin_mode) {
+  TORCH_CHECK(pin_mode >= -1 && pin_mode <= 1, "pin must be -1 (auto), 0 or 1, got ", pin_mode);
+  const bool present = cuda_device_present();
+  if (pin_mode == 1) {
+#ifdef FLUXION_WITH_CUDA
+    TORCH_CHECK(present, "pin=True needs a CUDA device, and none is visible");
+#else
+    TORCH_CHECK(false, "pin=True needs fluxion built with CUDA (FLUXION_CUDA=1); this build is CPU-only");
+#endif
+  }
+#ifdef FLUXION_WITH_CUDA
+  if (pin_mode == 1 || (pin_mode == -1 && present)) return std::make_shared<CudaHostPinner>();
+#endif
+  return nullptr;
+}
+
+core::DType parse_dtype(const std::string& s) {
+  if (s == "bfloat16") return core::DType::kBFloat16;
+  if (s == "float16") return core::DType::kFloat16;
+  TORCH_CHECK(false, "dtype must be bfloat16 or float16, got ", s);
+}
+
+}  // namespace
+
+at::ScalarType StoreHolder::scalar_type() const {
+  return store->config().dtype == core::DType::kBFloat16 ? at::kBFloat16 : at::kHalf;
+}
+
+StoreHolder::StoreHolder(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, const std::string& dtype,
+                         int64_t page_tokens, int64_t byte_cap, int64_t pin_mode) {
+  core::StoreConfig cfg;
+  cfg.num_layers = int(num_layers);
+  cfg.num_kv_heads = int(num_kv_heads);
+  cfg.head_dim = int(head_dim);
+  cfg.page_tokens = int(page_tokens);
+  cfg.dtype = parse_dtype(dtype);
+  cfg.byte_cap = byte_cap;
+  try {
+    store = std::make_shared<core::HostKVStore>(cfg, make_pinner(pin_mode));
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+void StoreHolder::check_seqs(const std::vector<int64_t>& seq_ids) const {
+  for (int64_t s : seq_ids) TORCH_CHECK(store->has_sequence(int(s)), "seq_ids: unknown sequence id ", s);
+}
+
+void StoreHolder::check_layer(int64_t layer) const {
+  TORCH_CHECK(layer >= 0 && layer < store->config().num_layers, "layer must be in [0, ", store->config().num_layers,
+              "), got ", layer);
+}
+
+void StoreHolder::append(int64_t layer, const std::vector<int64_t>& seq_ids, const at::Tensor& k, const at::Tensor& v,
+                         const c10::optional<at::Tensor>& valid) {
+  check_layer(layer);
+  check_seqs(seq_ids);
+  const auto& cfg = store->config();
+  check_dim(k, 4, "k", "[B, Hkv, T, D]");
+  TORCH_CHECK(k.scalar_type() == scalar_type(), "k must have the store's dtype ", scalar_type(), ", got ", k.scalar_type());
+  TORCH_CHECK(v.scalar_type() == scalar_type(), "v must have the store's dtype ", scalar_type(), ", got ", v.scalar_type());
+  TORCH_CHECK(k.size(0) == int64_t(seq_ids.size()), "k has ", k.size(0), " rows but seq_ids has ", seq_ids.size(), " ids");
+  TORCH_CHECK(k.size(1) == cfg.num_kv_heads, "k.size(1) must be num_kv_heads = ", cfg.num_kv_heads, ", got ", k.size(1));
+  TORCH_CHECK(k.size(3) == cfg.head_dim, "k.size(3) must be head_dim = ", cfg.head_dim, ", got ", k.size(3));
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", shape_str(k), ", got ", shape_str(v));
+  const int64_t B = k.size(0), T = k.size(2);
+  if (valid.has_value()) {
+    check_dtype(*valid, at::kBool, "valid");
+    TORCH_CHECK(valid->sizes() == at::IntArrayRef({B, T}), "valid must be [B, T] = [", B, ", ", T, "], got ",
+                shape_str(*valid));
+  }
+  // Host copies with a contiguous last dim; rows with a partial mask keep only their valid tokens.
+  at::Tensor kc = k.to(at::kCPU).contiguous(), vc = v.to(at::kCPU).contiguous();
+  std::vector<at::Tensor> keep;  // owns per-row gathered copies until append returns
+  std::vector<core::AppendItem> items;
+  at::Tensor vm = valid.has_value() ? valid->to(at::kCPU).contiguous() : at::Tensor();
+  for (int64_t b = 0; b < B; ++b) {
+    at::Tensor kb = kc[b], vb = vc[b];
+    if (vm.defined() && !vm[b].all().item<bool>()) {
+      const at::Tensor idx = vm[b].nonzero().view({-1});
+      kb = kb.index_select(1, idx).contiguous();
+      vb = vb.index_select(1, idx).contiguous();
+      keep.push_back(kb);
+      keep.push_back(vb);
+    }
+    core::AppendItem it;
+    it.seq = int(seq_ids[size_t(b)]);
+    it.src = core::TokenSource{kb.data_ptr(), vb.data_ptr(), kb.stride(0), kb.stride(1), kb.size(1)};
+    items.push_back(it);
+  }
+  try {
+    store->append(int(layer), items, aten_parallel_for());
+  } catch (const core::CapacityError& e) {
+    TORCH_CHECK(false, "[fluxion.CapacityError] ", e.what());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+}
+
+at::Tensor StoreHolder::pages() const {
+  const auto layout = store->layout();
+  const int64_t F = store->committed_frames();
+  const auto opts = at::TensorOptions().dtype(scalar_type()).device(at::kCPU);
+  if (F == 0) return at::empty({0, layout.num_kv_heads, layout.page_elems()}, opts);
+  auto keep = store;  // the view keeps the arena alive
+  return at::from_blob(store->arena(), {F, layout.num_kv_heads, layout.page_elems()}, [keep](void*) {}, opts);
+}
+
+at::Tensor StoreHolder::frame_table(int64_t layer, const std::vector<int64_t>& seq_ids) const {
+  check_layer(layer);
+  check_seqs(seq_ids);
+  int64_t maxf = 1;
+  for (int64_t s : seq_ids) maxf = std::max<int64_t>(maxf, int64_t(store->frames(int(layer), int(s)).size()));
+  at::Tensor t = at::zeros({int64_t(seq_ids.size()), maxf}, at::kInt);
+  for (size_t b = 0; b < seq_ids.size(); ++b) {
+    const auto& fr = store->frames(int(layer), int(seq_ids[b]));
+    std::copy(fr.begin(), fr.end(), t.data_ptr<int32_t>() + int64_t(b) * maxf);
+  }
+  return t;
+}
+
+at::Tensor StoreHolder::seq_lens(int64_t layer, const std::vector<int64_t>& seq_ids) const {
+  check_layer(layer);
+  check_seqs(seq_ids);
+  at::Tensor t = at::empty({int64_t(seq_ids.size())}, at::kInt);
+  for (size_t b = 0; b < seq_ids.size(); ++b) t.data_ptr<int32_t>()[b] = int32_t(store->seq_len(int(layer), int(seq_ids[b])));
+  return t;
+}
+
+std::tuple<at::Tensor, at::Tensor> StoreHolder::gather(int64_t layer, int64_t seq) const {
+  check_layer(layer);
+  check_seqs({seq});
+  const auto layout = store->layout();
+  const int64_t n = store->seq_len(int(layer), int(seq)), H = layout.num_kv_heads, D = layout.head_dim,
+                P = layout.page_tokens;
+  at::Tensor k = at::empty({H, n, D}, scalar_type()), v = at::empty({H, n, D}, scalar_type());
+  const auto& fr = store->frames(int(layer), int(seq));
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t0 = 0; t0 < n; t0 += P) {
+      const int64_t rows = std::min(P, n - t0);
+      const uint16_t* page = store->page(fr[size_t(t0 / P)], int(h));
+      std::memcpy(static_cast<uint16_t*>(k.data_ptr()) + (h * n + t0) * D, page + layout.k_offset(), size_t(rows * D) * 2);
+      std::memcpy(static_cast<uint16_t*>(v.data_ptr()) + (h * n + t0) * D, page + layout.v_offset(), size_t(rows * D) * 2);
+    }
+  return {k, v};
+}
+
+at::Tensor StoreHolder::block_metadata(int64_t layer, int64_t seq, int64_t block_size) const {
+  check_layer(layer);
+  check_seqs({seq});
+  check_block_size(block_size);
+  const auto layout = store->layout();
+  const int level = core::granularity_level(int(block_size));
+  const int64_t n = store->seq_len(int(layer), int(seq)), H = layout.num_kv_heads, D = layout.head_dim,
+                P = layout.page_tokens, nb = (n + block_size - 1) / block_size, per_page = P / block_size;
+  at::Tensor meta = at::empty({H, nb, 2, D}, scalar_type());
+  const auto& fr = store->frames(int(layer), int(seq));
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint16_t* page = store->page(fr[size_t(j / per_page)], int(h));
+      std::memcpy(static_cast<uint16_t*>(meta.data_ptr()) + (h * nb + j) * 2 * D,
+                  page + layout.meta_offset(level) + (j % per_page) * 2 * D, size_t(2 * D) * 2);
+    }
+  return meta;
+}
+
+c10::Dict<std::string, int64_t> StoreHolder::stats() const {
+  const auto s = store->stats();
+  c10::Dict<std::string, int64_t> d;
+  d.insert("kv_bytes", s.kv_bytes);
+  d.insert("metadata_bytes", s.metadata_bytes);
+  d.insert("allocated_bytes", s.allocated_bytes);
+  d.insert("committed_bytes", s.committed_bytes);
+  d.insert("pinned_bytes", s.pinned_bytes);
+  d.insert("reserved_bytes", s.reserved_bytes);
+  d.insert("byte_cap", s.byte_cap);
+  d.insert("frames_in_use", s.frames_in_use);
+  d.insert("frames_committed", s.frames_committed);
+  d.insert("num_sequences", s.num_sequences);
+  return d;
+}
+
+TORCH_LIBRARY_FRAGMENT(fluxion, m) {
+  m.class_<StoreHolder>("HostKVStore")
+      .def(torch::init<int64_t, int64_t, int64_t, std::string, int64_t, int64_t, int64_t>())
+      .def("add_sequence", [](const c10::intrusive_ptr<StoreHolder>& self) { return int64_t(self->store->add_sequence()); })
+      .def("free_sequence",
+           [](const c10::intrusive_ptr<StoreHolder>& self, int64_t seq) {
+             self->check_seqs({seq});
+             self->store->free_sequence(int(seq));
+           })
+      .def("append", &StoreHolder::append)
+      .def("pages", &StoreHolder::pages)
+      .def("frame_table", &StoreHolder::frame_table)
+      .def("seq_lens", &StoreHolder::seq_lens)
+      .def("seq_len",
+           [](const c10::intrusive_ptr<StoreHolder>& self, int64_t layer, int64_t seq) {
+             self->check_layer(layer);
+             self->check_seqs({seq});
+             return self->store->seq_len(int(layer), int(seq));
+           })
+      .def("gather", &StoreHolder::gather)
+      .def("block_metadata", &StoreHolder::block_metadata)
+      .def("stats", &StoreHolder::stats)
+      .def("sequences",
+           [](const c10::intrusive_ptr<StoreHolder>& self) {
+             std::vector<int64_t> out;
+             for (int s : self->store->sequences()) out.push_back(s);
+             return out;
+           })
+      .def("pinned", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->pinned(); })
+      .def("page_elems", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->layout().page_elems(); });
+}
+
+}  // namespace fluxion::ops

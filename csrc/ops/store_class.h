@@ -1,0 +1,35 @@
+// The torch custom class around core::HostKVStore; the C++ runtime reaches the core store through `store`.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/kv_store.h"
+
+namespace fluxion::ops {
+
+struct StoreHolder : torch::CustomClassHolder {
+  std::shared_ptr<core::HostKVStore> store;
+
+  // pin_mode: -1 auto (pinned when built with CUDA and a device is visible), 0 off, 1 on.
+  StoreHolder(int64_t num_layers, int64_t num_kv_heads, int64_t head_dim, const std::string& dtype, int64_t page_tokens,
+              int64_t byte_cap, int64_t pin_mode);
+
+  at::ScalarType scalar_type() const;
+  void check_seqs(const std::vector<int64_t>& seq_ids) const;
+  void check_layer(int64_t layer) const;
+  // k, v: [B, Hkv, T, D] on any device; valid: optional [B, T] bool (false = padding, skipped).
+  void append(int64_t layer, const std::vector<int64_t>& seq_ids, const at::Tensor& k, const at::Tensor& v,
+              const c10::optional<at::Tensor>& valid);
+  at::Tensor pages() const;                                                          // [F, Hkv, page_elems]
+  at::Tensor frame_table(int64_t layer, const std::vector<int64_t>& seq_ids) const;  // [B, max_frames] int32
+  at::Tensor seq_lens(int64_t layer, const std::vector<int64_t>& seq_ids) const;     // [B] int32
+  std::tuple<at::Tensor, at::Tensor> gather(int64_t layer, int64_t seq) const;       // K, V [Hkv, N, D]
+  at::Tensor block_metadata(int64_t layer, int64_t seq, int64_t block_size) const;   // [Hkv, NB, 2, D]
+  c10::Dict<std::string, int64_t> stats() const;
+};
+
+}  // namespace fluxion::ops
