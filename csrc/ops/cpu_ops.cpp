@@ -54,15 +54,13 @@ at::Tensor score_blocks_cpu(const at::Tensor& q, const at::Tensor& pages, const 
   at::Tensor scores = at::full({B, Hq, nb}, kNegInf, q.options().dtype(at::kFloat));
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qpos(G * D), qneg(G * D), qs(G * D);
+    core::cpu::QueryScratch qscratch;
     for (int64_t g = begin; g < end; ++g) {
       const int64_t b = g / hkv, kvh = g % hkv;
       const auto r = core::retrieval_range(view.seq_lens[b], sink, local, block_size);
       if (r.block_end == r.block_begin) continue;
-      core::cpu::prepare_query(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), 1.f, qpos.data(),
-                               qneg.data(), qs.data());
-      core::cpu::score_blocks(view, int(b), int(kvh), int(G), int(block_size), qpos.data(), qneg.data(), r.block_begin,
-                              r.block_end, scores.data_ptr<float>() + (b * Hq + kvh * G) * nb + r.block_begin, nb);
+      const auto pq = qscratch.prepare(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), 1.f);
+      core::cpu::score_blocks(view, int(b), int(kvh), int(G), int(block_size), pq, r.block_begin, r.block_end, scores.data_ptr<float>() + (b * Hq + kvh * G) * nb + r.block_begin, nb);
     }
   });
   return scores;
@@ -85,7 +83,7 @@ at::Tensor topk_blocks_cpu(const at::Tensor& scores, const at::Tensor& k, int64_
   const at::Tensor kk = k.contiguous().view({-1});
   const int64_t rows = s.size(0);
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> tmp;
+    std::vector<uint32_t> tmp;
     for (int64_t r = begin; r < end; ++r) {
       const int64_t want = std::min<int64_t>(std::max<int32_t>(kk.data_ptr<int32_t>()[r], 0), max_k);
       core::cpu::select_topk(s.data_ptr<float>() + r * nb, nb, want, out.data_ptr<int32_t>() + r * max_k, tmp);
@@ -118,7 +116,8 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, con
   at::Tensor lse = at::full({B, Hq}, kNegInf, q.options().dtype(at::kFloat));
   const at::Tensor qf = q.to(at::kFloat).contiguous();
   at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qpos(G * D), qneg(G * D), qs(G * D), state(G * D + 2 * G);
+    core::cpu::QueryScratch qscratch;
+    std::vector<float> state(G * D + 2 * G);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t b = g / hkv, kvh = g % hkv;
       const auto r = core::retrieval_range(view.seq_lens[b], sink, local, block_size);
@@ -136,11 +135,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_cpu(const at::Tensor& q, con
           blocks.push_back(int32_t(j));
           masks.push_back(mark[size_t(j)]);
         }
-      core::cpu::prepare_query(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), float(scale),
-                               qpos.data(), qneg.data(), qs.data());
+      const auto pq = qscratch.prepare(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), float(scale));
       core::cpu::OnlineSoftmax st{state.data(), state.data() + G, state.data() + 2 * G};
       core::cpu::init_state(st, int(G), int(D));
-      core::cpu::attend_blocks(view, int(b), int(kvh), int(G), int(block_size), qs.data(), blocks.data(), masks.data(),
+      core::cpu::attend_blocks(view, int(b), int(kvh), int(G), int(block_size), pq, blocks.data(), masks.data(),
                                int64_t(blocks.size()), r.token_begin, r.token_end, st);
       core::cpu::finalize_state(st, int(G), int(D), out.data_ptr<float>() + (b * Hq + kvh * G) * D,
                                 lse.data_ptr<float>() + b * Hq + kvh * G);
@@ -296,11 +294,11 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q, con
   const core::cpu::KernelTable& kt = core::cpu::kernels();
   const core::DType dt = to_core_dtype(k_win.scalar_type());
   at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qpos(G * D), qneg(G * D), qs(G * D), state(G * D + 2 * G);
+    core::cpu::QueryScratch qscratch;
+    std::vector<float> state(G * D + 2 * G);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t b = g / hkv, kvh = g % hkv, n = std::max<int32_t>(lens[b], 0);
-      core::cpu::prepare_query(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), float(scale),
-                               qpos.data(), qneg.data(), qs.data());
+      const auto pq = qscratch.prepare(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), float(scale));
       core::cpu::OnlineSoftmax st{state.data(), state.data() + G, state.data() + 2 * G};
       core::cpu::init_state(st, int(G), int(D));
       const auto* kb = static_cast<const uint16_t*>(k_win.data_ptr()) + (b * hkv + kvh) * W * D;
@@ -308,8 +306,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q, con
       const uint64_t all = G == 64 ? ~uint64_t(0) : (uint64_t(1) << G) - 1;
       const int64_t n_sink = std::min(n, sink);
       const int64_t n_ring = std::min(std::max<int64_t>(n - sink, 0), local);
-      if (n_sink > 0) kt.attend_rows(kb, vb, n_sink, qs.data(), int(G), all, int(D), dt, st);
-      if (n_ring > 0) kt.attend_rows(kb + sink * D, vb + sink * D, n_ring, qs.data(), int(G), all, int(D), dt, st);
+      if (n_sink > 0) kt.attend_rows(kb, vb, n_sink, pq, int(G), all, int(D), dt, st);
+      if (n_ring > 0) kt.attend_rows(kb + sink * D, vb + sink * D, n_ring, pq, int(G), all, int(D), dt, st);
       core::cpu::finalize_state(st, int(G), int(D), out.data_ptr<float>() + (b * Hq + kvh * G) * D,
                                 lse.data_ptr<float>() + b * Hq + kvh * G);
     }

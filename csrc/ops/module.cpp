@@ -19,7 +19,7 @@ PyObject* simd_level(PyObject*, PyObject*) {
 
 PyObject* simd_supported(PyObject*, PyObject*) {
   PyObject* list = PyList_New(0);
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512}) {
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
     if (!fluxion::core::cpu::isa_supported(isa)) continue;
     PyObject* s = PyUnicode_FromString(fluxion::core::cpu::isa_name(isa));
     PyList_Append(list, s);
@@ -36,8 +36,9 @@ PyObject* set_simd_level(PyObject*, PyObject* arg) {
   if (s == "scalar") isa = Isa::kScalar;
   else if (s == "avx2") isa = Isa::kAvx2;
   else if (s == "avx512") isa = Isa::kAvx512;
+  else if (s == "avx512_bf16") isa = Isa::kAvx512Bf16;
   else {
-    PyErr_Format(PyExc_ValueError, "simd level must be scalar, avx2 or avx512, got '%s'", name);
+    PyErr_Format(PyExc_ValueError, "simd level must be scalar, avx2, avx512 or avx512_bf16, got '%s'", name);
     return nullptr;
   }
   try {
@@ -54,7 +55,7 @@ PyObject* parallel_info(PyObject*, PyObject*) { return PyUnicode_FromString(at::
 PyMethodDef kMethods[] = {
     {"simd_level", simd_level, METH_NOARGS, "SIMD level the CPU kernels use now."},
     {"simd_supported", simd_supported, METH_NOARGS, "SIMD levels this CPU supports."},
-    {"set_simd_level", set_simd_level, METH_O, "Use 'scalar', 'avx2' or 'avx512' kernels (must be supported)."},
+    {"set_simd_level", set_simd_level, METH_O, "Use 'scalar', 'avx2', 'avx512' or 'avx512_bf16' kernels (must be supported)."},
     {"parallel_info", parallel_info, METH_NOARGS, "ATen's parallel backend and thread settings."},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -12,8 +12,9 @@ namespace {
 Isa initial_isa() {
   const char* env = std::getenv("FLUXION_SIMD");
   if (env != nullptr) {
-    Isa want = Isa::kAvx512;
+    Isa want = Isa::kAvx512Bf16;
     if (std::strcmp(env, "scalar") == 0) want = Isa::kScalar;
+    else if (std::strcmp(env, "avx512_bf16") == 0) want = Isa::kAvx512Bf16;
     else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
     else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
     else return best_supported_isa();
@@ -38,6 +39,7 @@ bool isa_supported(Isa isa) {
     case Isa::kAvx512:
       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    case Isa::kAvx512Bf16: return isa_supported(Isa::kAvx512) && __builtin_cpu_supports("avx512bf16");
   }
   return false;
 #else
@@ -46,6 +48,7 @@ bool isa_supported(Isa isa) {
 }
 
 Isa best_supported_isa() {
+  if (isa_supported(Isa::kAvx512Bf16)) return Isa::kAvx512Bf16;
   if (isa_supported(Isa::kAvx512)) return Isa::kAvx512;
   if (isa_supported(Isa::kAvx2)) return Isa::kAvx2;
   return Isa::kScalar;
@@ -63,12 +66,14 @@ const char* isa_name(Isa isa) {
     case Isa::kScalar: return "scalar";
     case Isa::kAvx2: return "avx2";
     case Isa::kAvx512: return "avx512";
+    case Isa::kAvx512Bf16: return "avx512_bf16";
   }
   return "?";
 }
 
 const KernelTable& kernels_for(Isa isa) {
   switch (isa) {
+    case Isa::kAvx512Bf16: return avx512_bf16::kTable;
     case Isa::kAvx512: return avx512::kTable;
     case Isa::kAvx2: return avx2::kTable;
     default: return scalar::kTable;

@@ -8,7 +8,7 @@
 
 namespace fluxion::core::cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
 
 // Running softmax state of G heads: max m[G], sum l[G], unnormalised output acc[G, D] (fp32).
 struct OnlineSoftmax {
@@ -17,22 +17,34 @@ struct OnlineSoftmax {
   float* acc;
 };
 
+// One KV-head group's queries in the forms the kernels use, all [G, D]. The bf16 copies are exact when q
+// came from bf16 (they feed AVX-512 BF16 dot products); q_scaled = q * scale.
+struct PreparedQuery {
+  const float* q_pos = nullptr;  // max(q, 0)
+  const float* q_neg = nullptr;  // min(q, 0)
+  const float* q_scaled = nullptr;
+  const uint16_t* q_pos_bf16 = nullptr;
+  const uint16_t* q_neg_bf16 = nullptr;
+  const uint16_t* q_bf16 = nullptr;
+  float scale = 1.f;
+};
+
 struct KernelTable {
   Isa isa;
   // Quest bound of each row r of a [nrows, 2, D] min/max table for G heads:
-  // scores[h * stride + r] = sum_d qpos[h,d] * max[r,d] + qneg[h,d] * min[r,d], with qpos = max(q, 0),
-  // qneg = min(q, 0) (equal to sum_d max(q*min, q*max)).
-  void (*score_rows)(const uint16_t* meta, int64_t nrows, const float* qpos, const float* qneg, int G, int D,
-                     DType dt, float* scores, int64_t stride);
+  // scores[h * stride + r] = sum_d q_pos[h,d] * max[r,d] + q_neg[h,d] * min[r,d]
+  // (equal to sum_d max(q*min, q*max)).
+  void (*score_rows)(const uint16_t* meta, int64_t nrows, const PreparedQuery& q, int G, int D, DType dt,
+                     float* scores, int64_t stride);
   // Folds nrows contiguous K/V rows ([nrows, D] each) into the state of every head h with bit h of mask
-  // set. q_scaled: [G, D] fp32 queries already multiplied by the softmax scale.
-  void (*attend_rows)(const uint16_t* k, const uint16_t* v, int64_t nrows, const float* q_scaled, int G,
+  // set, with scores scale * q.k.
+  void (*attend_rows)(const uint16_t* k, const uint16_t* v, int64_t nrows, const PreparedQuery& q, int G,
                       uint64_t mask, int D, DType dt, const OnlineSoftmax& st);
 };
 
 bool isa_supported(Isa isa);
 Isa best_supported_isa();
-// The ISA in use: FLUXION_SIMD=scalar|avx2|avx512 if set (an unsupported request falls back to the best
+// The ISA in use: FLUXION_SIMD=scalar|avx2|avx512|avx512_bf16 if set (an unsupported request falls back to the best
 // supported one), else the best supported one. set_active_isa throws for an unsupported ISA.
 Isa active_isa();
 void set_active_isa(Isa isa);
@@ -44,5 +56,6 @@ const KernelTable& kernels_for(Isa isa);
 namespace scalar { extern const KernelTable kTable; }
 namespace avx2 { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
+namespace avx512_bf16 { extern const KernelTable kTable; }
 
 }  // namespace fluxion::core::cpu

@@ -14,6 +14,8 @@ namespace {
 
 struct Ops {
   using V = __m256;
+  static constexpr bool kBf16Dot = false;
+  static V dot_bf16(const uint16_t*, const uint16_t*, V acc) { return acc; }  // unused: kBf16Dot is false
   static constexpr int W = 8;
   static V zero() { return _mm256_setzero_ps(); }
   static V set1(float x) { return _mm256_set1_ps(x); }

@@ -1,20 +1,40 @@
-// AVX-512 (F/BW/VL/DQ) kernels. Only reached when the CPU reports these features (isa.cpp).
+// AVX-512 (F/BW/VL/DQ) kernels, and with FLUXION_AVX512_BF16 defined (kernels_avx512_bf16.cpp) the variant
+// that also uses AVX512_BF16 dot products. Only reached when the CPU reports these features (isa.cpp).
 #include <cstdint>
+
+#ifndef FLUXION_AVX512_NS
+#define FLUXION_AVX512_NS avx512
+#define FLUXION_AVX512_ISA Isa::kAvx512
+#endif
 
 #include "core/cpu/kernels.h"
 
 #if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside intrinsics headers
+#ifdef FLUXION_AVX512_BF16
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
+#endif
 #include <immintrin.h>
 
-namespace fluxion::core::cpu::avx512 {
+namespace fluxion::core::cpu::FLUXION_AVX512_NS {
 namespace {
 
 struct Ops {
   using V = __m512;
   static constexpr int W = 16;
+#ifdef FLUXION_AVX512_BF16
+  static constexpr bool kBf16Dot = true;
+  // acc += pairwise products of 2W bf16 elements of a and b (exact products, fp32 sums).
+  static V dot_bf16(const uint16_t* a, const uint16_t* b, V acc) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(a), (__m512bh)_mm512_loadu_si512(b));
+  }
+#else
+  static constexpr bool kBf16Dot = false;
+  static V dot_bf16(const uint16_t*, const uint16_t*, V acc) { return acc; }  // unused: kBf16Dot is false
+#endif
   static V zero() { return _mm512_setzero_ps(); }
   static V set1(float x) { return _mm512_set1_ps(x); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
@@ -52,12 +72,12 @@ struct Ops {
 
 }  // namespace
 
-const KernelTable kTable = {Isa::kAvx512, &score_rows, &attend_rows};
+const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_rows};
 
-}  // namespace fluxion::core::cpu::avx512
+}  // namespace fluxion::core::cpu::FLUXION_AVX512_NS
 #pragma GCC pop_options
 #else
-namespace fluxion::core::cpu::avx512 {
+namespace fluxion::core::cpu::FLUXION_AVX512_NS {
 const KernelTable kTable = scalar::kTable;
 }
 #endif

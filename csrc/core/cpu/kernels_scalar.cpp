@@ -7,6 +7,8 @@ namespace {
 
 struct Ops {
   using V = float;
+  static constexpr bool kBf16Dot = false;
+  static V dot_bf16(const uint16_t*, const uint16_t*, V acc) { return acc; }  // unused: kBf16Dot is false
   static constexpr int W = 1;
   static V zero() { return 0.f; }
   static V set1(float x) { return x; }

@@ -1,12 +1,14 @@
 #include "core/cpu/retrieval.h"
 
 #include <algorithm>
+#include <cstring>
 #include <atomic>
 #include <cmath>
 #include <functional>
 #include <limits>
 #include <stdexcept>
 
+#include "core/half_convert.h"
 #include "core/merge.h"
 
 namespace fluxion::core::cpu {
@@ -53,16 +55,32 @@ void for_each_dynamic(const Executor& ex, int64_t n, const std::function<void(in
   });
 }
 
-void prepare_query(const float* q, int G, int D, float scale, float* q_pos, float* q_neg, float* q_scaled) {
-  for (int64_t i = 0; i < int64_t(G) * D; ++i) {
-    q_pos[i] = q[i] > 0.f ? q[i] : 0.f;
-    q_neg[i] = q[i] < 0.f ? q[i] : 0.f;
-    q_scaled[i] = q[i] * scale;
+PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
+  const int64_t n = int64_t(G) * D;
+  f32.resize(size_t(3 * n));
+  bf16.resize(size_t(3 * n));
+  for (int64_t i = 0; i < n; ++i) {
+    const float pos = q[i] > 0.f ? q[i] : 0.f, neg = q[i] < 0.f ? q[i] : 0.f;
+    f32[size_t(i)] = pos;
+    f32[size_t(n + i)] = neg;
+    f32[size_t(2 * n + i)] = q[i] * scale;
+    bf16[size_t(i)] = float_to_bf16(pos);
+    bf16[size_t(n + i)] = float_to_bf16(neg);
+    bf16[size_t(2 * n + i)] = float_to_bf16(q[i]);
   }
+  PreparedQuery p;
+  p.q_pos = f32.data();
+  p.q_neg = f32.data() + n;
+  p.q_scaled = f32.data() + 2 * n;
+  p.q_pos_bf16 = bf16.data();
+  p.q_neg_bf16 = bf16.data() + n;
+  p.q_bf16 = bf16.data() + 2 * n;
+  p.scale = scale;
+  return p;
 }
 
-void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const float* q_pos,
-                  const float* q_neg, int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride) {
+void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
+                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride) {
   const KernelTable& kt = kernels();
   const int level = granularity_level(block_size);
   const int64_t per_page = view.layout.page_tokens / block_size;
@@ -73,37 +91,70 @@ void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_si
     const int64_t run = std::min(blk_end - j, per_page - in_page);
     const uint16_t* meta = pages + view.page_offset(b, kv_head, j * block_size) + view.layout.meta_offset(level) +
                            in_page * 2 * D;
-    kt.score_rows(meta, run, q_pos, q_neg, G, D, view.dtype, scores + (j - blk_begin), stride);
+    if (j + run < blk_end) {  // the next page's table is a separate run: start fetching it now
+      const uint16_t* next = pages + view.page_offset(b, kv_head, (j + run) * block_size) + view.layout.meta_offset(level);
+      prefetch_rows(next, std::min(blk_end - j - run, per_page) * 2 * D);
+    }
+    kt.score_rows(meta, run, q, G, D, view.dtype, scores + (j - blk_begin), stride);
     j += run;
   }
 }
 
-int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<float>& tmp) {
-  tmp.clear();
-  for (int64_t i = 0; i < n; ++i)
-    if (scores[i] != kNegInf && !std::isnan(scores[i])) tmp.push_back(scores[i]);
-  const int64_t m = int64_t(tmp.size());
+namespace {
+// Order-preserving map of a float to uint32 (larger float -> larger key).
+inline uint32_t sort_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline bool selectable(float s) { return s != kNegInf && !std::isnan(s); }
+}  // namespace
+
+int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<uint32_t>& keys) {
+  // Radix select on the top 12 bits of order-preserving keys narrows the k-th value to one bucket, which
+  // nth_element resolves exactly; an ordered scan then emits indices ascending, ties to the lowest.
+  constexpr int kBits = 12;
+  uint32_t hist[1 << kBits] = {};
+  keys.resize(size_t(n) + 1);
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = selectable(scores[i]) ? sort_key(scores[i]) : 0u;  // finite keys are > 0x007fffff
+    keys[size_t(i)] = key;
+    if (key) {
+      ++hist[key >> (32 - kBits)];
+      ++m;
+    }
+  }
   k = std::min(k, m);
   if (k <= 0) return 0;
   int64_t count = 0;
   if (k == m) {
     for (int64_t i = 0; i < n; ++i)
-      if (scores[i] != kNegInf && !std::isnan(scores[i])) out[count++] = int32_t(i);
+      if (keys[size_t(i)]) out[count++] = int32_t(i);
     return count;
   }
-  std::nth_element(tmp.begin(), tmp.begin() + (k - 1), tmp.end(), std::greater<float>());
-  const float thr = tmp[size_t(k - 1)];
-  int64_t above = 0;
-  for (int64_t i = 0; i < n; ++i) above += scores[i] > thr;
-  int64_t ties = k - above;  // ties at the threshold go to the lowest indices
+  uint32_t bucket = (1u << kBits) - 1;
+  int64_t above = 0;  // selectable scores in buckets above `bucket`
+  while (above + hist[bucket] < k) above += hist[bucket--];
+  // Gather the bucket's keys at the end of `keys` (beyond n) to resolve the threshold.
+  const size_t base = size_t(n);
+  keys.resize(base);
+  for (int64_t i = 0; i < n; ++i)
+    if ((keys[size_t(i)] >> (32 - kBits)) == bucket) keys.push_back(keys[size_t(i)]);
+  const int64_t need = k - above;
+  std::nth_element(keys.begin() + base, keys.begin() + base + (need - 1), keys.end(), std::greater<uint32_t>());
+  const uint32_t thr = keys[base + size_t(need - 1)];
+  int64_t above_thr = above;
+  for (size_t i = base; i < keys.size(); ++i) above_thr += keys[i] > thr;
+  int64_t ties = k - above_thr;
   for (int64_t i = 0; i < n && count < k; ++i) {
-    const float s = scores[i];
-    if (s > thr || (s == thr && ties-- > 0)) out[count++] = int32_t(i);
+    const uint32_t key = keys[size_t(i)];
+    if (key > thr || (key == thr && ties-- > 0)) out[count++] = int32_t(i);
   }
   return count;
 }
 
-void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const float* q_scaled,
+void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                    const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
                    const OnlineSoftmax& st) {
   const KernelTable& kt = kernels();
@@ -115,18 +166,20 @@ void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_s
     r = block_rows(view, b, kv_head, lo, hi);
     return true;
   };
-  BlockRows cur{}, nxt{};
-  bool have_cur = nblocks > 0 && rows_of(0, cur);
-  for (int64_t i = 0; i < nblocks; ++i) {
-    // Blocks are scattered: prefetch the next one while this one is computed.
-    const bool have_nxt = i + 1 < nblocks && rows_of(i + 1, nxt);
-    if (have_nxt) {
-      prefetch_rows(nxt.k, nxt.rows * D);
-      prefetch_rows(nxt.v, nxt.rows * D);
+  // Blocks are scattered 2 x BS x D runs: prefetch kPrefetchAhead blocks ahead so several are in flight.
+  constexpr int64_t kPrefetchAhead = 3;
+  BlockRows r{};
+  for (int64_t i = 0; i < std::min(kPrefetchAhead, nblocks); ++i)
+    if (rows_of(i, r)) {
+      prefetch_rows(r.k, r.rows * D);
+      prefetch_rows(r.v, r.rows * D);
     }
-    if (have_cur) kt.attend_rows(cur.k, cur.v, cur.rows, q_scaled, G, masks[i], D, view.dtype, st);
-    cur = nxt;
-    have_cur = have_nxt;
+  for (int64_t i = 0; i < nblocks; ++i) {
+    if (i + kPrefetchAhead < nblocks && rows_of(i + kPrefetchAhead, r)) {
+      prefetch_rows(r.k, r.rows * D);
+      prefetch_rows(r.v, r.rows * D);
+    }
+    if (rows_of(i, r)) kt.attend_rows(r.k, r.v, r.rows, q, G, masks[i], D, view.dtype, st);
   }
 }
 
@@ -161,7 +214,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     RetrievalRange range;
     int64_t ncand = 0;
     std::vector<int64_t> k;
-    int64_t score_off = 0, sel_off = 0, q_off = 0;
+    int64_t score_off = 0, sel_off = 0;
     std::vector<int64_t> sel_count;
     std::vector<int32_t> blocks;  // union of the heads' selections, absolute block ids, ascending
     std::vector<uint64_t> masks;
@@ -184,7 +237,6 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
       ksum += p.k[h];
     }
     p.sel_count.assign(size_t(G), 0);
-    p.q_off = t * 3 * GD;
     if (ksum == 0) continue;
     p.score_off = score_total;
     score_total += G * p.ncand;
@@ -192,24 +244,23 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     sel_total += ksum;
     for (int64_t c = 0; c < p.ncand; c += kScoreChunkBlocks) score_items.emplace_back(t, c);
   }
-  std::vector<float> qbuf(static_cast<size_t>(n * 3 * GD));
+  std::vector<QueryScratch> qscratch(static_cast<size_t>(n));
+  std::vector<PreparedQuery> queries(static_cast<size_t>(n));
   std::vector<float> scores(static_cast<size_t>(score_total));
   std::vector<int32_t> sel(static_cast<size_t>(sel_total));
-  for (int64_t t = 0; t < n; ++t)
-    prepare_query(tasks[t].q, G, D, cfg.scale, &qbuf[plans[t].q_off], &qbuf[plans[t].q_off + GD],
-                  &qbuf[plans[t].q_off + 2 * GD]);
+  for (int64_t t = 0; t < n; ++t) queries[size_t(t)] = qscratch[size_t(t)].prepare(tasks[t].q, G, D, cfg.scale);
 
   // 1. Scores, in chunks of candidate blocks.
   for_each_dynamic(ex, int64_t(score_items.size()), [&](int64_t i, int) {
     const auto [t, c] = score_items[size_t(i)];
     const Plan& p = plans[t];
     const int64_t begin = p.range.block_begin + c, end = std::min(begin + kScoreChunkBlocks, p.range.block_end);
-    score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, &qbuf[p.q_off], &qbuf[p.q_off + GD], begin,
-                 end, &scores[size_t(p.score_off + c)], p.ncand);
+    score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
+                 &scores[size_t(p.score_off + c)], p.ncand);
   });
 
   // 2. Top-k per (task, head).
-  std::vector<std::vector<float>> tmp(size_t(std::max(ex.num_threads, 1)));
+  std::vector<std::vector<uint32_t>> tmp(size_t(std::max(ex.num_threads, 1)));
   for_each_dynamic(ex, n * G, [&](int64_t i, int w) {
     const int64_t t = i / G;
     const int h = int(i % G);
@@ -262,7 +313,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     float* s = state[size_t(w)].data();
     OnlineSoftmax st{s, s + G, s + 2 * G};
     init_state(st, G, D);
-    attend_blocks(view, task.b, task.kv_head, G, task.block_size, &qbuf[p.q_off + 2 * GD], &p.blocks[size_t(first)],
+    attend_blocks(view, task.b, task.kv_head, G, task.block_size, queries[size_t(t)], &p.blocks[size_t(first)],
                   &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st);
     finalize_state(st, G, D, &part_out[size_t(i * GD)], &part_lse[size_t(i * G)]);
   });

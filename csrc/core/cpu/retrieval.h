@@ -44,21 +44,26 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
 
 // ---- building blocks ----
 
-// q [G, D] -> q_pos = max(q, 0), q_neg = min(q, 0), q_scaled = q * scale (each [G, D]).
-void prepare_query(const float* q, int G, int D, float scale, float* q_pos, float* q_neg, float* q_scaled);
+// Owns the prepared forms of one group's queries.
+struct QueryScratch {
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16;
+  // q: [G, D] fp32 (unscaled) -> the views the kernels read; valid until the next prepare.
+  PreparedQuery prepare(const float* q, int G, int D, float scale);
+};
 
 // Quest scores of blocks [blk_begin, blk_end) at granularity block_size:
 // scores[h * stride + (j - blk_begin)]. The blocks must lie inside the sequence.
-void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const float* q_pos,
-                  const float* q_neg, int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride);
+void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
+                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride);
 
 // Indices (in [0, n), ascending) of the min(k, #selectable) largest scores; ties go to the lower index;
-// -inf and NaN are never selected. Returns the count. `tmp` is scratch.
-int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<float>& tmp);
+// -inf and NaN are never selected. Returns the count. `keys` is scratch.
+int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<uint32_t>& keys);
 
 // Folds the tokens of `blocks[i]` (restricted to [tok_begin, tok_end)) into the state of each head whose
 // bit is set in masks[i].
-void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const float* q_scaled,
+void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                    const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
                    const OnlineSoftmax& st);
 

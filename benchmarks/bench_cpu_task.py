@@ -1,0 +1,105 @@
+"""CPU retrieval task: bytes touched per second vs the host streaming-read bandwidth of the same run.
+
+Bytes touched = key min/max metadata scanned + K/V of the union of selected blocks (exact, as returned
+by the op's bytes_read). Llama-3.1-8B head geometry by default (32 query / 8 KV heads, D=128, BF16);
+each call is one layer's decode-step retrieval for all KV-head groups; layers rotate so no call reuses
+the cache of the previous one.
+
+  python benchmarks/bench_cpu_task.py                   # full sweep
+  python benchmarks/bench_cpu_task.py --quick           # small smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils.benchmark import Timer
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, host_read_bandwidth, write_rows  # noqa: E402
+
+import fluxion  # noqa: E402
+
+
+def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int) -> tuple[fluxion.HostKVStore, list[int]]:
+    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, pin=False)
+    seqs = [store.add_sequence() for _ in range(batch)]
+    chunk = 8192
+    g = torch.Generator().manual_seed(0)
+    for layer in range(layers):
+        for start in range(0, ctx, chunk):
+            t = min(chunk, ctx - start)
+            k = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
+            v = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
+            store.append(layer, seqs, k, v)
+    return store, seqs
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--budgets", type=float, nargs="+", default=[0.02, 0.05])
+    p.add_argument("--block-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--threads", type=int, nargs="+", default=None, help="default: 1 2 4 8 ... all-1, all")
+    p.add_argument("--hq", type=int, default=32)
+    p.add_argument("--hkv", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--layers", type=int, default=0, help="layers to rotate over (default: enough for ~2 GiB)")
+    p.add_argument("--min-run-time", type=float, default=0.3)
+    p.add_argument("--quick", action="store_true", help="8K context, block 16, budget 0.05, threads 1 and all")
+    p.add_argument("--out", default=None, help="JSON file for the rows")
+    a = p.parse_args(argv)
+    ncpu = os.cpu_count() or 1
+    if a.quick:
+        a.contexts, a.budgets, a.block_sizes, a.min_run_time = [8192], [0.05], [16], 0.1
+        a.threads = a.threads or sorted({1, ncpu})
+    threads = a.threads or sorted({t for t in (1, 2, 4, 8, ncpu - 1, ncpu) if 1 <= t <= ncpu})
+    env = environment()
+    print(f"# {env['cpu']} | torch {env['torch']} | SIMD {env['simd']} | git {env['git_sha']}")
+    ceilings = {t: host_read_bandwidth(t, gib=0.25 if a.quick else 2.0) for t in threads}
+    print("# streaming-read ceiling (GB/s): " + ", ".join(f"{t} thr: {bw:.1f}" for t, bw in ceilings.items()))
+    rows = []
+    hdr = f"{'ctx':>7} {'budget':>6} {'BS':>4} {'thr':>4} {'median ms':>10} {'MB touched':>10} {'GB/s':>7} {'ceiling':>7} {'ratio':>6}"
+    print(hdr)
+    g = torch.Generator().manual_seed(1)
+    scale = a.head_dim ** -0.5
+    for ctx in a.contexts:
+        per_layer = ctx * a.hkv * a.batch * a.head_dim * 2 * 2
+        layers = a.layers or max(2, min(16, int(2 * 2**30 // per_layer)))
+        store, seqs = build_store(ctx, layers, a.hkv, a.head_dim, a.batch)
+        args = [store.layer_args(layer, seqs) for layer in range(layers)]
+        q = [torch.randn(a.batch, a.hq, a.head_dim, generator=g).to(torch.bfloat16) for _ in range(layers)]
+        for budget in a.budgets:
+            budgets = torch.full((a.batch, a.hq), budget)
+            for bs in a.block_sizes:
+                block_sizes = torch.full((a.batch, a.hkv), bs, dtype=torch.int32)
+                touched = [int(fluxion.retrieval_attention(q[i], **args[i], budgets=budgets, block_sizes=block_sizes,
+                                                           scale=scale)[2].sum()) for i in range(layers)]
+                state = {"i": 0}
+
+                def step():
+                    i = state["i"] = (state["i"] + 1) % layers
+                    fluxion.retrieval_attention(q[i], **args[i], budgets=budgets, block_sizes=block_sizes, scale=scale)
+
+                for t in threads:
+                    med = Timer("step()", globals={"step": step}, num_threads=t).blocked_autorange(
+                        min_run_time=a.min_run_time).median
+                    mean_bytes = sum(touched) / layers
+                    gbs = mean_bytes / med / 1e9
+                    ratio = gbs / ceilings[t]
+                    print(f"{ctx:>7} {budget:>6.2f} {bs:>4} {t:>4} {med * 1e3:>10.3f} {mean_bytes / 1e6:>10.1f} "
+                          f"{gbs:>7.1f} {ceilings[t]:>7.1f} {ratio:>6.2f}")
+                    rows.append({"context": ctx, "budget": budget, "block_size": bs, "threads": t, "median_s": med,
+                                 "bytes_touched": mean_bytes, "gbps": gbs, "ceiling_gbps": ceilings[t], "ratio": ratio,
+                                 "batch": a.batch, "hq": a.hq, "hkv": a.hkv, "head_dim": a.head_dim})
+        del store, args
+    write_rows(a.out, rows, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared benchmark helpers: environment metadata, bandwidth ceilings, result writing."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+
+import torch
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def git_sha() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    import fluxion
+
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "git_sha": git_sha(),
+        "simd": fluxion.build_info()["simd"],
+    }
+    return env
+
+
+def host_read_bandwidth(threads: int, gib: float = 2.0, min_run_time: float = 0.5) -> float:
+    """Streaming-read ceiling in GB/s: a float32 sum over a buffer far larger than the last-level cache,
+    on `threads` threads of ATen's pool (the same pool the CPU kernels use)."""
+    from torch.utils.benchmark import Timer
+
+    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    t = Timer("buf.sum()", globals={"buf": buf}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    return buf.numel() * 4 / t.median / 1e9
+
+
+def write_rows(path: str | None, rows: list[dict], env: dict) -> None:
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump({"env": env, "rows": rows}, f, indent=1)
