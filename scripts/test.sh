@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs Fluxion with its test dependencies and runs every test: pytest, then the Catch2 core tests
+# through ctest. GPU tests skip cleanly where there is no GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+python -m pip install -q numpy ninja pytest
+python -m pip install -q --no-build-isolation -e .
+if ! { [ -f /usr/include/catch2/catch.hpp ] || [ -f /usr/include/catch2/catch_test_macros.hpp ] || [ -f /usr/local/include/catch2/catch_test_macros.hpp ]; }; then
+  if command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq catch2) >/dev/null
+  fi
+fi
+python -m fluxion info
+python -m pytest -q tests
+cmake -S . -B build/cmake -DCMAKE_BUILD_TYPE=Release >/dev/null
+cmake --build build/cmake -j "$(nproc)" >/dev/null
+ctest --test-dir build/cmake --output-on-failure

@@ -1,0 +1,210 @@
+// Core CPU kernels on every SIMD level the CPU has: scoring, top-k, attention, merge, the retrieval task.
+#include <algorithm>
+#include <numeric>
+#include <set>
+
+#include "catch_compat.h"
+#include "core/cpu/kernels.h"
+#include "core/cpu/retrieval.h"
+#include "core/kv_store.h"
+#include "core/merge.h"
+#include "test_helpers.h"
+
+using namespace fluxion;
+using fluxion::test::bf;
+
+namespace {
+
+struct Fixture {
+  static constexpr int H = 2, G = 4, D = 128;
+  int64_t N;
+  std::vector<uint16_t> k, v;
+  core::HostKVStore store;
+  int seq;
+  std::vector<int32_t> frames;
+  int32_t len;
+  core::LayerView view;
+
+  explicit Fixture(int64_t n) : N(n), store(make_config()) {
+    k = test::random_bf16(size_t(H * N * D), 11);
+    v = test::random_bf16(size_t(H * N * D), 12);
+    seq = store.add_sequence();
+    core::AppendItem it;
+    it.seq = seq;
+    it.src = core::TokenSource{k.data(), v.data(), N * D, D, N};
+    store.append(0, {it});
+    frames = store.frames(0, seq);
+    len = int32_t(N);
+    view.pages = store.arena();
+    view.layout = store.layout();
+    view.dtype = core::DType::kBFloat16;
+    view.frame_table = frames.data();
+    view.frame_stride = int64_t(frames.size());
+    view.seq_lens = &len;
+  }
+  static core::StoreConfig make_config() {
+    core::StoreConfig c;
+    c.num_layers = 1;
+    c.num_kv_heads = H;
+    c.head_dim = D;
+    return c;
+  }
+  const uint16_t* key(int h, int64_t t) const { return &k[size_t((h * N + t) * D)]; }
+};
+
+std::vector<float> random_q(int G, int D, uint32_t seed) {
+  auto h = test::random_bf16(size_t(G * D), seed);
+  std::vector<float> q(h.size());
+  for (size_t i = 0; i < h.size(); ++i) q[i] = bf(h[i]);
+  return q;
+}
+
+std::vector<core::cpu::Isa> isas() {
+  std::vector<core::cpu::Isa> out;
+  for (auto isa : {core::cpu::Isa::kScalar, core::cpu::Isa::kAvx2, core::cpu::Isa::kAvx512, core::cpu::Isa::kAvx512Bf16})
+    if (core::cpu::isa_supported(isa)) out.push_back(isa);
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("Quest scores match the naive bound at every granularity and SIMD level", "[kernels]") {
+  Fixture f(1000);
+  const auto q = random_q(Fixture::G, Fixture::D, 21);
+  core::cpu::QueryScratch qs;
+  const auto pq = qs.prepare(q.data(), Fixture::G, Fixture::D, 1.f);
+  for (auto isa : isas()) {
+    core::cpu::set_active_isa(isa);
+    for (int bs : {16, 32, 64, 128}) {
+      const int64_t nb = (f.N + bs - 1) / bs;
+      std::vector<float> scores(static_cast<size_t>(Fixture::G * nb));
+      core::cpu::score_blocks(f.view, 0, 1, Fixture::G, bs, pq, 0, nb, scores.data(), nb);
+      for (int h = 0; h < Fixture::G; ++h)
+        for (int64_t j = 0; j < nb; ++j) {
+          double want = 0;
+          for (int d = 0; d < Fixture::D; ++d) {
+            float mn = INFINITY, mx = -INFINITY;
+            for (int64_t t = j * bs; t < std::min<int64_t>(f.N, (j + 1) * bs); ++t) {
+              mn = std::min(mn, bf(f.key(1, t)[d]));
+              mx = std::max(mx, bf(f.key(1, t)[d]));
+            }
+            want += std::max(double(q[size_t(h * Fixture::D + d)]) * mn, double(q[size_t(h * Fixture::D + d)]) * mx);
+          }
+          REQUIRE(scores[size_t(h * nb + j)] == Approx(want).epsilon(1e-5).margin(1e-3));
+        }
+    }
+  }
+  core::cpu::set_active_isa(core::cpu::best_supported_isa());
+}
+
+TEST_CASE("top-k selects the largest, ties to the lower index, ascending output", "[kernels]") {
+  std::vector<uint32_t> scratch;
+  const float ninf = -INFINITY;
+  std::vector<float> s = {1.f, 5.f, 5.f, ninf, 3.f, 5.f, 0.5f, NAN};
+  std::vector<int32_t> out(8, -1);
+  REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 2, out.data(), scratch) == 2);
+  REQUIRE(out[0] == 1);
+  REQUIRE(out[1] == 2);
+  REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 100, out.data(), scratch) == 6);  // no -inf, no NaN
+  REQUIRE(std::vector<int32_t>(out.begin(), out.begin() + 6) == std::vector<int32_t>({0, 1, 2, 4, 5, 6}));
+  REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 0, out.data(), scratch) == 0);
+  // Random rows against a sort-based selection.
+  std::mt19937 rng(5);
+  for (int trial = 0; trial < 50; ++trial) {
+    const int64_t n = 1 + rng() % 3000;
+    std::vector<float> x(static_cast<size_t>(n));
+    for (auto& e : x) e = float(int(rng() % 200)) / 10.f;  // many ties
+    const int64_t k = rng() % (n + 1);
+    std::vector<int32_t> got(static_cast<size_t>(n));
+    const int64_t c = core::cpu::select_topk(x.data(), n, k, got.data(), scratch);
+    std::vector<int32_t> idx(static_cast<size_t>(n));
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[size_t(a)] > x[size_t(b)]; });
+    std::vector<int32_t> want(idx.begin(), idx.begin() + k);
+    std::sort(want.begin(), want.end());
+    REQUIRE(c == k);
+    REQUIRE(std::vector<int32_t>(got.begin(), got.begin() + c) == want);
+  }
+}
+
+TEST_CASE("attention over selected blocks matches naive attention; merge of parts equals the union", "[kernels]") {
+  Fixture f(700);
+  const int G = Fixture::G, D = Fixture::D;
+  const auto q = random_q(G, D, 31);
+  const float scale = 1.f / std::sqrt(float(D));
+  core::cpu::QueryScratch qs;
+  const auto pq = qs.prepare(q.data(), G, D, scale);
+  for (auto isa : isas()) {
+    core::cpu::set_active_isa(isa);
+    // Two parts: blocks {0..9} and {10..40} of size 16 over tokens [0, 656); head 2 only in part 2.
+    std::vector<float> outs(static_cast<size_t>(2 * G * D)), lses(static_cast<size_t>(2 * G));
+    for (int part = 0; part < 2; ++part) {
+      std::vector<int32_t> blocks;
+      std::vector<uint64_t> masks;
+      for (int32_t j = part ? 10 : 0; j < (part ? 41 : 10); ++j) {
+        blocks.push_back(j);
+        masks.push_back(part ? 0xF : 0xB);  // head 2 absent from part 0
+      }
+      std::vector<float> st(static_cast<size_t>(G * D + 2 * G));
+      core::cpu::OnlineSoftmax s{st.data(), st.data() + G, st.data() + 2 * G};
+      core::cpu::init_state(s, G, D);
+      core::cpu::attend_blocks(f.view, 0, 0, G, 16, pq, blocks.data(), masks.data(), int64_t(blocks.size()), 0, 656, s);
+      core::cpu::finalize_state(s, G, D, &outs[size_t(part * G * D)], &lses[size_t(part * G)]);
+    }
+    REQUIRE(std::isinf(lses[2]));  // head 2 selected nothing in part 0
+    for (int h = 0; h < G; ++h) {
+      float out[Fixture::D], lse;
+      core::merge_states_one(&outs[size_t(h * D)], &lses[size_t(h)], 2, G * D, G, D, out, &lse);
+      std::vector<double> want;
+      double want_lse;
+      const std::vector<float> qh(q.begin() + h * D, q.begin() + (h + 1) * D);
+      test::naive_attention(qh, f.k.data(), f.v.data(), D, h == 2 ? 160 : 0, 656, scale, want, want_lse);
+      REQUIRE(lse == Approx(want_lse).margin(1e-4));
+      for (int d = 0; d < D; ++d) REQUIRE(out[d] == Approx(want[size_t(d)]).margin(1e-4));
+    }
+  }
+  core::cpu::set_active_isa(core::cpu::best_supported_isa());
+}
+
+TEST_CASE("merge of empty states gives zeros and -inf, never NaN", "[kernels]") {
+  const float outs[4] = {1.f, 2.f, 3.f, 4.f};
+  const float lses[2] = {-INFINITY, -INFINITY};
+  float out[2], lse;
+  core::merge_states_one(outs, lses, 2, 2, 1, 2, out, &lse);
+  REQUIRE(out[0] == 0.f);
+  REQUIRE(out[1] == 0.f);
+  REQUIRE(std::isinf(lse));
+}
+
+TEST_CASE("retrieval task: full budget equals attention over the retrieval region; budget 0 is empty", "[kernels]") {
+  Fixture f(2000);
+  const int G = Fixture::G, D = Fixture::D;
+  const auto q = random_q(G, D, 41);
+  const float scale = 1.f / std::sqrt(float(D));
+  std::vector<float> budgets = {1.f, 1.f, 0.f, 1.f};
+  std::vector<float> out(static_cast<size_t>(G * D)), lse(static_cast<size_t>(G));
+  int64_t bytes = -1;
+  core::cpu::GroupTask t;
+  t.b = 0;
+  t.kv_head = 1;
+  t.block_size = 64;
+  t.q = q.data();
+  t.budgets = budgets.data();
+  t.out = out.data();
+  t.lse = lse.data();
+  t.bytes_read = &bytes;
+  core::cpu::RetrievalConfig cfg{64, 256, scale};
+  core::cpu::Executor serial;
+  core::cpu::run_group_tasks(f.view, G, cfg, &t, 1, serial);
+  // candidates: blocks [1, 28) of 64 tokens over [64, 1744)
+  REQUIRE(bytes == 27 * 2 * D * 2 + 27 * 2 * 64 * D * 2);
+  REQUIRE(std::isinf(lse[2]));
+  for (int h : {0, 1, 3}) {
+    std::vector<double> want;
+    double want_lse;
+    const std::vector<float> qh(q.begin() + h * D, q.begin() + (h + 1) * D);
+    test::naive_attention(qh, f.k.data() + f.N * D, f.v.data() + f.N * D, D, 64, 1744, scale, want, want_lse);
+    REQUIRE(lse[size_t(h)] == Approx(want_lse).margin(1e-4));
+    for (int d = 0; d < D; ++d) REQUIRE(out[size_t(h * D + d)] == Approx(want[size_t(d)]).margin(1e-4));
+  }
+}

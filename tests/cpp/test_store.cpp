@@ -1,0 +1,128 @@
+// Core store: layout, incremental metadata at every granularity, growth, accounting, byte cap.
+#include <algorithm>
+#include <cstring>
+
+#include "catch_compat.h"
+#include "core/kv_store.h"
+#include "test_helpers.h"
+
+using namespace fluxion;
+using fluxion::test::bf;
+
+namespace {
+
+core::StoreConfig config(int64_t cap = 0) {
+  core::StoreConfig c;
+  c.num_layers = 2;
+  c.num_kv_heads = 2;
+  c.head_dim = 64;
+  c.page_tokens = 256;
+  c.dtype = core::DType::kBFloat16;
+  c.byte_cap = cap;
+  return c;
+}
+
+// Appends tokens [t0, t1) of a [H, N, D] array.
+void append_range(core::HostKVStore& s, int layer, int seq, const std::vector<uint16_t>& k,
+                  const std::vector<uint16_t>& v, int64_t n, int64_t t0, int64_t t1, int D) {
+  core::AppendItem it;
+  it.seq = seq;
+  it.src = core::TokenSource{k.data() + t0 * D, v.data() + t0 * D, n * D, D, t1 - t0};
+  s.append(layer, {it});
+}
+
+}  // namespace
+
+TEST_CASE("tokens land block-contiguous and metadata matches a from-scratch min/max", "[store]") {
+  const int H = 2, D = 64;
+  const int64_t N = 1000;
+  auto k = test::random_bf16(size_t(H * N * D), 1), v = test::random_bf16(size_t(H * N * D), 2);
+  core::HostKVStore s(config());
+  const int seq = s.add_sequence();
+  // Odd chunk sizes exercise partially filled blocks at every level.
+  int64_t t = 0;
+  for (int64_t c : {1, 15, 17, 100, 1, 300, 566}) {
+    append_range(s, 1, seq, k, v, N, t, t + c, D);
+    t += c;
+  }
+  REQUIRE(t == N);
+  REQUIRE(s.seq_len(1, seq) == N);
+  REQUIRE(s.seq_len(0, seq) == 0);
+  const auto layout = s.layout();
+  const auto& frames = s.frames(1, seq);
+  REQUIRE(frames.size() == 4);
+  for (int h = 0; h < H; ++h) {
+    for (int64_t tok = 0; tok < N; ++tok) {
+      const uint16_t* page = s.page(frames[size_t(tok / 256)], h);
+      REQUIRE(std::memcmp(page + layout.k_offset() + (tok % 256) * D, &k[size_t((h * N + tok) * D)], D * 2) == 0);
+      REQUIRE(std::memcmp(page + layout.v_offset() + (tok % 256) * D, &v[size_t((h * N + tok) * D)], D * 2) == 0);
+    }
+    for (int level = 0; level < core::kNumGranularities; ++level) {
+      const int g = core::kGranularities[level];
+      for (int64_t j = 0; j < (N + g - 1) / g; ++j) {
+        const uint16_t* row = s.page(frames[size_t(j * g / 256)], h) + layout.meta_offset(level) + ((j * g % 256) / g) * 2 * D;
+        for (int d = 0; d < D; ++d) {
+          float mn = INFINITY, mx = -INFINITY;
+          for (int64_t tok = j * g; tok < std::min<int64_t>(N, (j + 1) * g); ++tok) {
+            mn = std::min(mn, bf(k[size_t((h * N + tok) * D + d)]));
+            mx = std::max(mx, bf(k[size_t((h * N + tok) * D + d)]));
+          }
+          REQUIRE(bf(row[d]) == mn);
+          REQUIRE(bf(row[D + d]) == mx);
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("accounting and frame reuse", "[store]") {
+  const int D = 64;
+  const int64_t N = 600;
+  auto k = test::random_bf16(size_t(2 * N * D), 3);
+  core::HostKVStore s(config());
+  const int a = s.add_sequence();
+  append_range(s, 0, a, k, k, N, 0, N, D);
+  auto st = s.stats();
+  REQUIRE(st.kv_bytes == N * 2 * 2 * D * 2);
+  REQUIRE(st.frames_in_use == 3);
+  REQUIRE(st.pinned_bytes == 0);
+  REQUIRE(st.committed_bytes >= st.allocated_bytes);
+  const int64_t committed = st.committed_bytes;
+  s.free_sequence(a);
+  REQUIRE(s.stats().kv_bytes == 0);
+  const int b = s.add_sequence();
+  append_range(s, 1, b, k, k, N, 0, N, D);
+  REQUIRE(s.stats().committed_bytes == committed);
+}
+
+TEST_CASE("a byte cap fails before anything is written", "[store]") {
+  const int D = 64;
+  const int64_t N = 800;
+  auto k = test::random_bf16(size_t(2 * N * D), 4);
+  core::HostKVStore probe(config());
+  const int64_t cap = 2 * probe.frame_bytes() + 8192;
+  core::HostKVStore s(config(cap));
+  const int seq = s.add_sequence();
+  append_range(s, 0, seq, k, k, N, 0, 300, D);
+  const auto before = s.stats();
+  std::vector<uint16_t> page_copy(s.page(s.frames(0, seq)[0], 0), s.page(s.frames(0, seq)[0], 0) + s.layout().page_elems());
+  REQUIRE_THROWS_AS(append_range(s, 0, seq, k, k, N, 300, N, D), core::CapacityError);
+  REQUIRE(s.seq_len(0, seq) == 300);
+  REQUIRE(s.stats().kv_bytes == before.kv_bytes);
+  REQUIRE(s.stats().committed_bytes == before.committed_bytes);
+  REQUIRE(std::equal(page_copy.begin(), page_copy.end(), s.page(s.frames(0, seq)[0], 0)));
+  append_range(s, 0, seq, k, k, N, 300, 512, D);  // fits in the second frame
+  REQUIRE(s.seq_len(0, seq) == 512);
+}
+
+TEST_CASE("bad configuration is rejected", "[store]") {
+  auto c = config();
+  c.head_dim = 96;
+  REQUIRE_THROWS_AS(core::HostKVStore(c), std::invalid_argument);
+  c = config();
+  c.page_tokens = 100;
+  REQUIRE_THROWS_AS(core::HostKVStore(c), std::invalid_argument);
+  core::HostKVStore s(config());
+  REQUIRE_THROWS_AS(s.seq_len(0, 3), std::out_of_range);
+  REQUIRE_THROWS_AS(s.seq_len(7, 0), std::out_of_range);
+}
