@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
-python -m pip install -q numpy ninja pytest
+python -m pip install -q numpy ninja pytest setuptools wheel
 python -m pip install -q --no-build-isolation -e .
 if ! { [ -f /usr/include/catch2/catch.hpp ] || [ -f /usr/include/catch2/catch_test_macros.hpp ] || [ -f /usr/local/include/catch2/catch_test_macros.hpp ]; }; then
   if command -v apt-get >/dev/null; then
