@@ -9,6 +9,7 @@
 #include "core/kv_store.h"
 #include "ops/checks.h"
 #include "ops/cpu_executor.h"
+#include "ops/hybrid_runtime.h"
 #include "ops/store_class.h"
 
 #ifdef FLUXION_WITH_CUDA
@@ -259,6 +260,7 @@ TORCH_LIBRARY_FRAGMENT(fluxion, m) {
            })
       .def("pinned", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->pinned(); })
       .def("page_elems", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->layout().page_elems(); });
+  register_hybrid_runtime(m);
 }
 
 }  // namespace fluxion::ops

@@ -1,6 +1,7 @@
 #include "core/cpu/retrieval.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <atomic>
 #include <cmath>
@@ -17,6 +18,15 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kScoreChunkBlocks = 512;      // metadata rows per scoring work item
 constexpr int64_t kAttendChunkBytes = 128 << 10;  // K/V bytes per attention work item
+
+// Blocks prefetched ahead in attention (FLUXION_PREFETCH_BLOCKS overrides the default, for tuning).
+int64_t prefetch_distance() {
+  static const int64_t d = [] {
+    const char* env = std::getenv("FLUXION_PREFETCH_BLOCKS");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(3);
+  }();
+  return d;
+}
 
 void prefetch_rows(const uint16_t* p, int64_t elems) {
   const char* c = reinterpret_cast<const char*>(p);
@@ -166,8 +176,8 @@ void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_s
     r = block_rows(view, b, kv_head, lo, hi);
     return true;
   };
-  // Blocks are scattered 2 x BS x D runs: prefetch kPrefetchAhead blocks ahead so several are in flight.
-  constexpr int64_t kPrefetchAhead = 3;
+  // Blocks are scattered 2 x BS x D runs: prefetch a few blocks ahead so several are in flight.
+  const int64_t kPrefetchAhead = prefetch_distance();
   BlockRows r{};
   for (int64_t i = 0; i < std::min(kPrefetchAhead, nblocks); ++i)
     if (rows_of(i, r)) {

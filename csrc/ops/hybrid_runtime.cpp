@@ -1,0 +1,274 @@
+#include "ops/hybrid_runtime.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <chrono>
+#include <limits>
+
+#include "core/cpu/retrieval.h"
+#include "core/scheduler.h"
+#include "ops/checks.h"
+#include "ops/cpu_executor.h"
+
+#ifdef FLUXION_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fluxion::ops {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double since(Clock::time_point t) { return std::chrono::duration<double>(Clock::now() - t).count(); }
+
+// The registered ops, called through the dispatcher so the CPU and CUDA kernels (and their checks) are
+// the same ones users call.
+using WindowAppendFn = void(at::Tensor&, at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t);
+using WindowAttentionFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                             const at::Tensor&, int64_t, double);
+using RetrievalFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const at::Tensor&, int64_t, int64_t, int64_t, double);
+using MergeFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+
+template <class Fn>
+c10::TypedOperatorHandle<Fn> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
+}
+
+}  // namespace
+
+HybridRuntime::HybridRuntime(c10::intrusive_ptr<StoreHolder> s, int64_t hq, const std::string& dev, int64_t sink_,
+                             int64_t local_, int64_t workers)
+    : store(std::move(s)), num_q_heads(hq), sink(sink_), local(local_), device(dev) {
+  const auto& cfg = store->store->config();
+  TORCH_CHECK(hq > 0 && hq % cfg.num_kv_heads == 0, "num_q_heads must be a positive multiple of the store's ",
+              cfg.num_kv_heads, " KV heads, got ", hq);
+  TORCH_CHECK(hq / cfg.num_kv_heads <= 64, "at most 64 query heads per KV head are supported");
+  check_window_args(sink, local);
+  TORCH_CHECK(sink + local > 0, "sink + local must be positive");
+  TORCH_CHECK(device.is_cpu() || device.is_cuda(), "device must be cpu or cuda, got ", dev);
+  if (device.is_cuda()) TORCH_CHECK(store->store->pinned(), "a CUDA runtime needs a pinned HostKVStore (pin=True)");
+  cpu_workers = workers > 0 ? workers : std::max(1, at::get_num_threads() - (device.is_cuda() ? 1 : 0));
+}
+
+void HybridRuntime::set_sequences(const std::vector<int64_t>& ids) {
+  store->check_seqs(ids);
+  seq_ids = ids;
+  const auto& cfg = store->store->config();
+  const int64_t B = int64_t(ids.size());
+  const auto opts = at::TensorOptions().dtype(store->scalar_type()).device(device);
+  k_win.clear();
+  v_win.clear();
+  for (int64_t l = 0; l < cfg.num_layers; ++l) {
+    k_win.push_back(at::zeros({B, cfg.num_kv_heads, sink + local, cfg.head_dim}, opts));
+    v_win.push_back(at::zeros({B, cfg.num_kv_heads, sink + local, cfg.head_dim}, opts));
+    // Sequences that already hold tokens (e.g. a prefix) get their window from the store.
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n = store->store->seq_len(int(l), int(ids[size_t(b)]));
+      if (n == 0) continue;
+      auto [kk, vv] = store->gather(l, ids[size_t(b)]);  // [Hkv, N, D]
+      at::Tensor pos = at::arange(n, at::kInt).unsqueeze(0);
+      at::Tensor kw = k_win.back().narrow(0, b, 1), vw = v_win.back().narrow(0, b, 1);
+      op<WindowAppendFn>("fluxion::window_append")
+          .call(kw, vw, kk.unsqueeze(0).to(device), vv.unsqueeze(0).to(device), pos.to(device), sink);
+    }
+  }
+}
+
+void HybridRuntime::prefill(int64_t layer, const at::Tensor& k, const at::Tensor& v,
+                            const c10::optional<at::Tensor>& valid) {
+  store->check_layer(layer);
+  TORCH_CHECK(!seq_ids.empty(), "call set_sequences before prefill");
+  TORCH_CHECK(k.dim() == 4 && k.size(0) == int64_t(seq_ids.size()), "k must be [B, Hkv, T, D] with B = ",
+              seq_ids.size(), ", got ", shape_str(k));
+  const int64_t B = k.size(0), T = k.size(2);
+  // Window positions: each valid token continues its sequence; padding gets -1.
+  at::Tensor lens = store->seq_lens(layer, seq_ids).to(at::kLong);
+  at::Tensor mask = valid.has_value() ? valid->to(at::kCPU).to(at::kBool) : at::ones({B, T}, at::kBool);
+  at::Tensor pos = (lens.unsqueeze(1) + mask.to(at::kLong).cumsum(1) - 1).masked_fill(~mask, -1).to(at::kInt);
+  store->append(layer, seq_ids, k, v, valid);
+  op<WindowAppendFn>("fluxion::window_append")
+      .call(k_win[size_t(layer)], v_win[size_t(layer)], k.to(device), v.to(device), pos.to(device), sink);
+}
+
+at::Tensor HybridRuntime::decode(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu,
+                                 double scale) {
+  const auto t_step = Clock::now();
+  store->check_layer(layer);
+  const auto& cfg = store->store->config();
+  const int64_t B = int64_t(seq_ids.size()), Hq = num_q_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim,
+                G = Hq / Hkv;
+  TORCH_CHECK(B > 0, "call set_sequences before decode");
+  TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) == Hq && q.size(2) == D, "q must be [B, Hq, D] = [", B,
+              ", ", Hq, ", ", D, "], got ", shape_str(q));
+  TORCH_CHECK(q.device() == device, "q must be on the runtime's device ", device, ", got ", q.device());
+  TORCH_CHECK(k.dim() == 4 && k.size(2) == 1, "decode takes one new token per sequence: k must be [B, Hkv, 1, D], got ",
+              shape_str(k));
+  check_dtype(budgets, at::kFloat, "budgets");
+  TORCH_CHECK(budgets.device().is_cpu() && budgets.sizes() == at::IntArrayRef({B, Hq}),
+              "budgets must be a CPU [B, Hq] tensor, got ", shape_str(budgets), " on ", budgets.device());
+  check_dtype(block_sizes, at::kInt, "block_sizes");
+  TORCH_CHECK(block_sizes.device().is_cpu() && block_sizes.sizes() == at::IntArrayRef({B, Hkv}),
+              "block_sizes must be a CPU [B, Hkv] tensor, got ", shape_str(block_sizes));
+  const at::Tensor bud = budgets.contiguous(), bsz = block_sizes.contiguous();
+  for (int64_t i = 0; i < bud.numel(); ++i) {
+    const float x = bud.data_ptr<float>()[i];
+    TORCH_CHECK(x >= 0.f && x <= 1.f, "budgets must be in [0, 1], got ", x);
+  }
+  for (int64_t i = 0; i < bsz.numel(); ++i) check_block_size(bsz.data_ptr<int32_t>()[i]);
+  use_gpu = use_gpu && device.is_cuda();
+
+  // 1. The new token: host store (its first retrieval use is 257 steps away) and the dense window.
+  auto t = Clock::now();
+  at::Tensor pos = store->seq_lens(layer, seq_ids).unsqueeze(1);  // position of the new token
+  store->append(layer, seq_ids, k, v, c10::nullopt);
+  op<WindowAppendFn>("fluxion::window_append")
+      .call(k_win[size_t(layer)], v_win[size_t(layer)], k, v, pos.to(device), sink);
+  const at::Tensor lens_host = store->seq_lens(layer, seq_ids);
+  const at::Tensor lens_dev = lens_host.to(device);
+  append_s += since(t);
+
+  // 2. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
+  t = Clock::now();
+  auto [o_dense, lse_dense] = op<WindowAttentionFn>("fluxion::window_attention")
+                                  .call(q, k_win[size_t(layer)], v_win[size_t(layer)], lens_dev, sink, scale);
+  dense_s += since(t);
+
+  // 3. Retrieval tasks from one queue, largest data volume first.
+  t = Clock::now();
+  const at::Tensor q_host = q.to(at::kCPU).to(at::kFloat).contiguous();  // waits for q's producers
+  const at::Tensor frames = store->frame_table(layer, seq_ids);
+  core::LayerView view;
+  view.pages = store->store->arena();
+  view.layout = store->store->layout();
+  view.dtype = to_core_dtype(store->scalar_type());
+  view.frame_table = frames.data_ptr<int32_t>();
+  view.frame_stride = frames.size(1);
+  view.seq_lens = lens_host.data_ptr<int32_t>();
+  const int64_t eb = 2;
+  std::vector<core::QueueTask> tasks;
+  for (int64_t g = 0; g < B * Hkv; ++g) {
+    const int64_t b = g / Hkv, bs = bsz.data_ptr<int32_t>()[g], n = lens_host.data_ptr<int32_t>()[b];
+    const auto r = core::retrieval_range(n, sink, local, bs);
+    int64_t kv = 0;
+    for (int64_t h = g % Hkv * G; h < (g % Hkv + 1) * G; ++h)
+      kv += core::budget_blocks(bud.data_ptr<float>()[b * Hq + h], n, bs, r.block_end - r.block_begin);
+    if (kv == 0) continue;
+    tasks.push_back({int32_t(g), (r.block_end - r.block_begin) * 2 * D * eb + kv * 2 * bs * D * eb});
+  }
+  core::TaskQueue queue(std::move(tasks));
+  at::Tensor out_cpu = at::zeros({B, Hq, D}, at::kFloat);
+  at::Tensor lse_cpu = at::full({B, Hq}, -std::numeric_limits<float>::infinity(), at::kFloat);
+  at::Tensor bytes_cpu = at::zeros({B, Hkv}, at::kLong);
+  const core::cpu::RetrievalConfig rcfg{int(sink), int(local), float(scale)};
+  auto cpu_fn = [&](int64_t i, int) {
+    const int64_t g = queue[size_t(i)].group, b = g / Hkv, kvh = g % Hkv;
+    core::cpu::GroupTask task;
+    task.b = int(b);
+    task.kv_head = int(kvh);
+    task.block_size = bsz.data_ptr<int32_t>()[g];
+    task.q = q_host.data_ptr<float>() + (b * Hq + kvh * G) * D;
+    task.budgets = bud.data_ptr<float>() + b * Hq + kvh * G;
+    task.out = out_cpu.data_ptr<float>() + (b * Hq + kvh * G) * D;
+    task.lse = lse_cpu.data_ptr<float>() + b * Hq + kvh * G;
+    task.bytes_read = bytes_cpu.data_ptr<int64_t>() + g;
+    core::cpu::run_group_tasks(view, int(G), rcfg, &task, 1, core::cpu::Executor{});
+  };
+  std::vector<at::Tensor> gpu_out, gpu_lse;
+  int64_t gpu_bytes_step = 0;
+  std::function<void(int64_t, int64_t, int)> gpu_fn;
+#ifdef FLUXION_WITH_CUDA
+  at::Tensor bud_dev, bsz_dev, frames_dev, pages;
+  if (use_gpu && queue.size() > 0) {
+    bud_dev = bud.to(device);
+    bsz_dev = bsz.to(device);
+    frames_dev = frames.to(device);
+    pages = store->pages();
+    gpu_out.resize(size_t(max_gpu_batches));
+    gpu_lse.resize(size_t(max_gpu_batches));
+    gpu_fn = [&](int64_t begin, int64_t end, int batch) {
+      c10::cuda::CUDAGuard guard(device);
+      c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool(false, device.index()));
+      at::Tensor groups = at::empty({end - begin}, at::kInt);
+      for (int64_t i = begin; i < end; ++i) groups.data_ptr<int32_t>()[i - begin] = queue[size_t(i)].group;
+      auto [o, l, nbytes] = op<RetrievalFn>("fluxion::retrieval_attention")
+                                .call(q, pages, frames_dev, lens_dev, bud_dev, bsz_dev, groups.to(device),
+                                      view.layout.page_tokens, sink, local, scale);
+      gpu_bytes_step += nbytes.sum().item<int64_t>();  // waits for the batch
+      gpu_out[size_t(batch)] = o;
+      gpu_lse[size_t(batch)] = l;
+    };
+  }
+#endif
+  core::QueueRunStats qs;
+  const int64_t batch_volume = int64_t(double(queue.total_volume()) * gpu_batch_fraction);
+  core::run_task_queue(queue, int(cpu_workers), aten_parallel_for(), cpu_fn, gpu_fn, batch_volume,
+                       int(max_gpu_batches), &qs);
+  retrieval_s += since(t);
+  cpu_busy_s += qs.cpu_busy_s;
+  gpu_busy_s += qs.gpu_busy_s;
+  cpu_tasks += qs.cpu_tasks;
+  gpu_tasks += qs.gpu_tasks;
+  cpu_bytes += bytes_cpu.sum().item<int64_t>();
+  gpu_bytes += gpu_bytes_step;
+
+  // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run).
+  t = Clock::now();
+  std::vector<at::Tensor> outs{o_dense, out_cpu.to(device)}, lses{lse_dense, lse_cpu.to(device)};
+  for (size_t i = 0; i < gpu_out.size(); ++i)
+    if (gpu_out[i].defined()) {
+      outs.push_back(gpu_out[i]);
+      lses.push_back(gpu_lse[i]);
+    }
+  auto [out, lse] = op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs), at::stack(lses));
+  merge_s += since(t);
+  step_s += since(t_step);
+  ++steps;
+  return out;
+}
+
+c10::Dict<std::string, double> HybridRuntime::stats() const {
+  c10::Dict<std::string, double> d;
+  d.insert("steps", double(steps));
+  d.insert("append_s", append_s);
+  d.insert("dense_s", dense_s);
+  d.insert("retrieval_s", retrieval_s);
+  d.insert("cpu_busy_s", cpu_busy_s);
+  d.insert("gpu_busy_s", gpu_busy_s);
+  d.insert("merge_s", merge_s);
+  d.insert("step_s", step_s);
+  d.insert("cpu_tasks", double(cpu_tasks));
+  d.insert("gpu_tasks", double(gpu_tasks));
+  d.insert("cpu_bytes", double(cpu_bytes));
+  d.insert("gpu_bytes", double(gpu_bytes));
+  // The GPU is busy with retrieval only while a batch runs; the window kernel is small in comparison.
+  d.insert("gpu_idle_ratio", retrieval_s > 0 ? 1.0 - gpu_busy_s / retrieval_s : 1.0);
+  return d;
+}
+
+void HybridRuntime::reset_stats() {
+  steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = 0;
+  append_s = dense_s = retrieval_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
+}
+
+// Called from store_class.cpp's registration, after HostKVStore's: the class takes a HostKVStore, so its
+// type must be registered first (static initialisation order across files is unspecified).
+void register_hybrid_runtime(torch::Library& m) {
+  m.class_<HybridRuntime>("HybridRuntime")
+      .def(torch::init<c10::intrusive_ptr<StoreHolder>, int64_t, std::string, int64_t, int64_t, int64_t>())
+      .def("set_sequences", &HybridRuntime::set_sequences)
+      .def("prefill", &HybridRuntime::prefill)
+      .def("decode", &HybridRuntime::decode)
+      .def("stats", &HybridRuntime::stats)
+      .def("reset_stats", &HybridRuntime::reset_stats)
+      .def("window", [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer) {
+        self->store->check_layer(layer);
+        return std::make_tuple(self->k_win[size_t(layer)], self->v_win[size_t(layer)]);
+      });
+}
+
+}  // namespace fluxion::ops

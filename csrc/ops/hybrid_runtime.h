@@ -1,0 +1,51 @@
+// torch.classes.fluxion.HybridRuntime: the per-layer hybrid decode step in C++.
+//
+// For one layer and one new token per sequence it appends K/V to the host store and the dense window,
+// runs exact attention over the window on the model's device, runs the retrieval tasks (one per
+// sequence x KV-head group with a non-zero budget) from one shared queue ordered by data volume — CPU
+// workers and one GPU control thread each pull the next task(s) when free — and merges every part by
+// LSE. On a CPU-only machine the same step runs entirely on the CPU.
+#pragma once
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "ops/store_class.h"
+
+namespace fluxion::ops {
+
+struct HybridRuntime : torch::CustomClassHolder {
+  c10::intrusive_ptr<StoreHolder> store;
+  int64_t num_q_heads = 0, sink = 64, local = 256;
+  at::Device device{at::kCPU};
+  int64_t cpu_workers = 1;
+  double gpu_batch_fraction = 0.125;  // share of the step's volume the GPU takes per pull
+  int64_t max_gpu_batches = 8;
+  std::vector<int64_t> seq_ids;          // batch row -> store sequence
+  std::vector<at::Tensor> k_win, v_win;  // per layer [B, Hkv, sink + local, D] on `device`
+
+  // Per-step statistics, summed since the last reset_stats().
+  int64_t steps = 0, cpu_tasks = 0, gpu_tasks = 0, cpu_bytes = 0, gpu_bytes = 0;
+  double append_s = 0, dense_s = 0, retrieval_s = 0, cpu_busy_s = 0, gpu_busy_s = 0, merge_s = 0, step_s = 0;
+
+  HybridRuntime(c10::intrusive_ptr<StoreHolder> store, int64_t num_q_heads, const std::string& device, int64_t sink,
+                int64_t local, int64_t cpu_workers);
+  // Batch rows of the next calls (store sequence ids); windows are (re)allocated, filled from the store.
+  void set_sequences(const std::vector<int64_t>& ids);
+  // Appends a prefill chunk: k, v [B, Hkv, T, D] (any device), valid [B, T] bool or None.
+  void prefill(int64_t layer, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& valid);
+  // One decode step of one layer: q [B, Hq, D], k/v [B, Hkv, 1, D] on `device`; budgets [B, Hq] float32 and
+  // block_sizes [B, Hkv] int32 on the CPU; use_gpu: whether the GPU pulls retrieval tasks (false = the
+  // paper's fixed baseline: the CPU does all retrieval). Returns out [B, Hq, D] float32 on `device`.
+  at::Tensor decode(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale);
+  c10::Dict<std::string, double> stats() const;
+  void reset_stats();
+};
+
+void register_hybrid_runtime(torch::Library& m);
+
+}  // namespace fluxion::ops

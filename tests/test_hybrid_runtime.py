@@ -1,0 +1,84 @@
+"""The C++ hybrid decode step (torch.classes.fluxion.HybridRuntime) against the fp32 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fluxion
+from fluxion import reference as R
+from conftest import make_kv, make_q
+
+
+def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0):
+    L, hkv, hq, d = 2, 2, 8, 64
+    dev = torch.device(device)
+    store = fluxion.HostKVStore(L, hkv, d, torch.bfloat16, pin=dev.type == "cuda")
+    seqs = [store.add_sequence() for _ in range(2)]
+    rt = torch.classes.fluxion.HybridRuntime(store._impl, hq, str(dev), 64, 256, 2)
+    rt.set_sequences(seqs)
+    n0 = 1100
+    k, v, direction = make_kv(2, hkv, n0 + steps, d, torch.bfloat16, seed=seed)
+    valid = torch.ones(2, n0, dtype=torch.bool)
+    valid[1, :400] = False  # left padding: the second sequence is shorter
+    for layer in range(L):
+        rt.prefill(layer, k[:, :, :n0].to(dev), v[:, :, :n0].to(dev), valid.to(dev))
+    hist_k = [k[0, :, :n0], k[1, :, 400:n0]]
+    hist_v = [v[0, :, :n0], v[1, :, 400:n0]]
+    outs, refs = [], []
+    for step in range(steps):
+        q = make_q(2, hq, d, torch.bfloat16, direction, seed=100 + step)
+        kn, vn = k[:, :, n0 + step:n0 + step + 1], v[:, :, n0 + step:n0 + step + 1]
+        budgets = torch.full((2, hq), budgets_value)
+        sizes = torch.full((2, hkv), block, dtype=torch.int32)
+        out = rt.decode(1, q.to(dev), kn.to(dev), vn.to(dev), budgets, sizes, use_gpu, d ** -0.5)
+        for b in range(2):
+            hist_k[b] = torch.cat([hist_k[b], kn[b]], 1)
+            hist_v[b] = torch.cat([hist_v[b], vn[b]], 1)
+        outs.append(out.cpu())
+        refs.append((q, [x.clone() for x in hist_k], [x.clone() for x in hist_v]))
+    return outs, refs, rt.stats()
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_full_budget_equals_dense_attention(device, use_gpu):
+    outs, refs, stats = _run(device, use_gpu, 1.0)
+    for out, (q, ks, vs) in zip(outs, refs):
+        for b in range(2):
+            fo, _ = R.full_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([ks[b].shape[1]]), 64 ** -0.5)
+            torch.testing.assert_close(out[b], fo[0], atol=1e-4, rtol=1e-3)
+    assert stats["steps"] == 4 and stats["cpu_tasks"] + stats["gpu_tasks"] == 4 * 4
+    if device.type == "cpu" or not use_gpu:
+        assert stats["gpu_tasks"] == 0
+
+
+def test_sparse_budget_matches_reference_task(device):
+    outs, refs, _ = _run(device, True, 0.05, block=32)
+    for out, (q, ks, vs) in zip(outs, refs):
+        for b in range(2):
+            n = ks[b].shape[1]
+            ro, rl = R.retrieval_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]),
+                                           torch.full((1, 8), 0.05), torch.full((1, 2), 32, dtype=torch.int32),
+                                           64, 256, 64 ** -0.5)
+            wo, wl = R.window_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]), 64, 256, 64 ** -0.5)
+            mo, _ = R.merge_states(torch.stack([ro, wo]), torch.stack([rl, wl]))
+            torch.testing.assert_close(out[b], mo[0], atol=1e-4, rtol=1e-3)
+
+
+def test_bad_input_is_rejected():
+    store = fluxion.HostKVStore(1, 2, 64)
+    with pytest.raises(RuntimeError, match="num_q_heads must be a positive multiple"):
+        torch.classes.fluxion.HybridRuntime(store._impl, 7, "cpu", 64, 256, 1)
+    rt = torch.classes.fluxion.HybridRuntime(store._impl, 8, "cpu", 64, 256, 1)
+    with pytest.raises(RuntimeError, match="set_sequences"):
+        rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16),
+                  torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16), torch.ones(1, 8),
+                  torch.full((1, 2), 16, dtype=torch.int32), False, 0.125)
+    rt.set_sequences([store.add_sequence()])
+    z = torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"budgets must be in \[0, 1\]"):
+        rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), z, z, torch.full((1, 8), 2.0),
+                  torch.full((1, 2), 16, dtype=torch.int32), False, 0.125)
+    with pytest.raises(RuntimeError, match="block_size must be one of"):
+        rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), z, z, torch.ones(1, 8),
+                  torch.full((1, 2), 8, dtype=torch.int32), False, 0.125)
