@@ -54,7 +54,9 @@ if with_cuda:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 
 sources = _sources("csrc/core/**/*.cpp") + _sources("csrc/ops/*.cpp")
-cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-DFLUXION_BUILD_TORCH_OPS"]
+# -fopenmp: at::parallel_for is a header template compiled into this library; without OpenMP its
+# `#pragma omp parallel` is dropped and every "parallel" loop runs on one thread.
+cxx_flags = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fopenmp", "-DFLUXION_BUILD_TORCH_OPS"]
 if os.environ.get("FLUXION_NATIVE") == "1":
     cxx_flags.append("-march=native")
 nvcc_flags = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
@@ -83,6 +85,7 @@ ext = Extension(
     include_dirs=[os.path.join(ROOT, "csrc")],
     extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     define_macros=define_macros,
+    extra_link_args=["-fopenmp"],
     py_limited_api=False,
 )
 

@@ -24,8 +24,8 @@ from common import environment, host_read_bandwidth, write_rows  # noqa: E402
 import fluxion  # noqa: E402
 
 
-def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int) -> tuple[fluxion.HostKVStore, list[int]]:
-    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, pin=False)
+def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int, pin: bool = False):
+    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, pin=pin)
     seqs = [store.add_sequence() for _ in range(batch)]
     chunk = 8192
     g = torch.Generator().manual_seed(0)
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=0, help="layers to rotate over (default: enough for ~2 GiB)")
     p.add_argument("--min-run-time", type=float, default=0.3)
     p.add_argument("--quick", action="store_true", help="8K context, block 16, budget 0.05, threads 1 and all")
+    p.add_argument("--pin", action="store_true", help="page-lock the store (as on a GPU machine)")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     a = p.parse_args(argv)
     ncpu = os.cpu_count() or 1
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
         a.threads = a.threads or sorted({1, ncpu})
     threads = a.threads or sorted({t for t in (1, 2, 4, 8, ncpu - 1, ncpu) if 1 <= t <= ncpu})
     env = environment()
-    print(f"# {env['cpu']} | torch {env['torch']} | SIMD {env['simd']} | git {env['git_sha']}")
+    print(f"# {env['cpu']} | torch {env['torch']} | SIMD {env['simd']} | git {env['git_sha']} | pinned store: {a.pin}")
     ceilings = {t: host_read_bandwidth(t, gib=0.25 if a.quick else 2.0) for t in threads}
     print("# streaming-read ceiling (GB/s): " + ", ".join(f"{t} thr: {bw:.1f}" for t, bw in ceilings.items()))
     rows = []
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
     for ctx in a.contexts:
         per_layer = ctx * a.hkv * a.batch * a.head_dim * 2 * 2
         layers = a.layers or max(2, min(16, int(2 * 2**30 // per_layer)))
-        store, seqs = build_store(ctx, layers, a.hkv, a.head_dim, a.batch)
+        store, seqs = build_store(ctx, layers, a.hkv, a.head_dim, a.batch, a.pin)
         args = [store.layer_args(layer, seqs) for layer in range(layers)]
         q = [torch.randn(a.batch, a.hq, a.head_dim, generator=g).to(torch.bfloat16) for _ in range(layers)]
         for budget in a.budgets:
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
                           f"{gbs:>7.1f} {ceilings[t]:>7.1f} {ratio:>6.2f}")
                     rows.append({"context": ctx, "budget": budget, "block_size": bs, "threads": t, "median_s": med,
                                  "bytes_touched": mean_bytes, "gbps": gbs, "ceiling_gbps": ceilings[t], "ratio": ratio,
-                                 "batch": a.batch, "hq": a.hq, "hkv": a.hkv, "head_dim": a.head_dim})
+                                 "batch": a.batch, "hq": a.hq, "hkv": a.hkv, "head_dim": a.head_dim, "pinned": a.pin})
         del store, args
     write_rows(a.out, rows, env)
     return 0

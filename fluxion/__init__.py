@@ -56,3 +56,18 @@ def set_num_threads(n: int) -> None:
 def set_simd_level(level: str) -> None:
     """Force 'scalar', 'avx2' or 'avx512' CPU kernels (must be supported by this CPU)."""
     _C.set_simd_level(level)
+
+
+# HuggingFace integration. transformers is imported on first use only (PEP 562), so `import fluxion` stays light.
+from .config import FluxionConfig, HeadTable  # noqa: E402
+
+_LAZY = {"enable": "hf", "disable": "hf", "enabled": "hf", "new_cache": "hf", "last_cache": "hf",
+         "FluxionCache": "hf", "HybridAttentionRuntime": "runtime"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'fluxion' has no attribute {name!r}")

@@ -97,7 +97,7 @@ TEST_CASE("Quest scores match the naive bound at every granularity and SIMD leve
   core::cpu::set_active_isa(core::cpu::best_supported_isa());
 }
 
-TEST_CASE("top-k selects the largest, ties to the lower index, ascending output", "[kernels]") {
+TEST_CASE("top-k selects the largest with ties to the lower index in ascending order", "[kernels]") {
   std::vector<uint32_t> scratch;
   const float ninf = -INFINITY;
   std::vector<float> s = {1.f, 5.f, 5.f, ninf, 3.f, 5.f, 0.5f, NAN};
@@ -127,7 +127,7 @@ TEST_CASE("top-k selects the largest, ties to the lower index, ascending output"
   }
 }
 
-TEST_CASE("attention over selected blocks matches naive attention; merge of parts equals the union", "[kernels]") {
+TEST_CASE("attention over selected blocks matches naive attention and the merge of parts equals the union", "[kernels]") {
   Fixture f(700);
   const int G = Fixture::G, D = Fixture::D;
   const auto q = random_q(G, D, 31);
@@ -166,7 +166,7 @@ TEST_CASE("attention over selected blocks matches naive attention; merge of part
   core::cpu::set_active_isa(core::cpu::best_supported_isa());
 }
 
-TEST_CASE("merge of empty states gives zeros and -inf, never NaN", "[kernels]") {
+TEST_CASE("merge of empty states gives zeros and -inf and never NaN", "[kernels]") {
   const float outs[4] = {1.f, 2.f, 3.f, 4.f};
   const float lses[2] = {-INFINITY, -INFINITY};
   float out[2], lse;
@@ -176,7 +176,7 @@ TEST_CASE("merge of empty states gives zeros and -inf, never NaN", "[kernels]") 
   REQUIRE(std::isinf(lse));
 }
 
-TEST_CASE("retrieval task: full budget equals attention over the retrieval region; budget 0 is empty", "[kernels]") {
+TEST_CASE("retrieval task: full budget equals attention over the retrieval region and budget 0 is empty", "[kernels]") {
   Fixture f(2000);
   const int G = Fixture::G, D = Fixture::D;
   const auto q = random_q(G, D, 41);

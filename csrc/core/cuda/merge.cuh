@@ -1,0 +1,26 @@
+// LSE merge of partial attention states on the GPU. Torch-free; plain C++ header.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace fluxion::core::cuda {
+
+// Merges S partial states of `rows` rows: outs [S, rows, D] float32, lses [S, rows] float32 (natural log)
+// -> out [rows, D], lse [rows]: lse = log(sum_s exp(lse_s)), out = sum_s exp(lse_s - lse) * out_s.
+// Parts with lse = -inf contribute nothing (their out is never read); all empty (or S == 0) gives out 0,
+// lse -inf, never NaN. All pointers are device memory, contiguous.
+struct MergeStatesParams {
+  const float* outs = nullptr;
+  const float* lses = nullptr;
+  int64_t num_states = 0;  // S
+  int64_t rows = 0;
+  int64_t head_dim = 0;    // D (any positive size)
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+size_t merge_attention_states_workspace_bytes(const MergeStatesParams& p);  // 0
+cudaError_t merge_attention_states(const MergeStatesParams& p, void* workspace, cudaStream_t stream);
+
+}  // namespace fluxion::core::cuda
