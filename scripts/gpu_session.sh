@@ -19,7 +19,7 @@ export CXX=${CXX:-/usr/bin/g++}
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
 } 2>&1 | tee "$OUT/machine.txt"
 t0=$(date +%s)
-FLUXION_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install -q --no-build-isolation --no-deps -e . \
+FLUXION_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext --inplace \
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m fluxion info | tee -a "$OUT/machine.txt"
@@ -29,7 +29,7 @@ if [ "$what" = full ]; then
   python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
   exit 0
 fi
-timeout 120 python3 -m pytest -q -p no:cacheprovider -p no:xdist tests/test_cuda.py tests/test_hybrid_runtime.py \
+timeout 120 python3 -X faulthandler -m pytest -v -p no:cacheprovider -p no:xdist tests/test_cuda.py tests/test_hybrid_runtime.py \
   tests/test_graphs.py tests/test_opcheck.py 2>&1 | tee "$OUT/pytest.log" | tail -15
 timeout 70 python3 benchmarks/bench_cpu_task.py --contexts 131072 --budgets 0.05 0.02 --block-sizes 16 32 64 128 \
   --threads 1 15 --layers 3 --min-run-time 0.15 --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"

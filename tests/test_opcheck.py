@@ -18,6 +18,10 @@ def _store_args(device, dtype=torch.bfloat16, d=64, lens=(700, 97), hkv=2):
     for b, n in enumerate(lens):
         store.append(0, [seqs[b]], k[b:b + 1, :, :n], v[b:b + 1, :, :n])
     a = store.layer_args(0, seqs, device=device)
+    if device.type == "cuda":
+        # opcheck runs the op on copies of its inputs, and a copy of page-locked memory is pageable, which the
+        # zero-copy kernels reject; the CUDA ops also accept the arena as a device tensor (read from HBM).
+        a["pages"] = a["pages"].to(device)
     q = make_q(len(lens), hkv * 4, d, dtype, direction).to(device)
     return store, a, q, k, v
 
