@@ -19,23 +19,9 @@ import torch
 from torch.utils.benchmark import Timer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, host_read_bandwidth, write_rows  # noqa: E402
+from common import build_store, environment, host_read_bandwidth, write_rows  # noqa: E402
 
 import fluxion  # noqa: E402
-
-
-def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int, pin: bool = False):
-    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, pin=pin)
-    seqs = [store.add_sequence() for _ in range(batch)]
-    chunk = 8192
-    g = torch.Generator().manual_seed(0)
-    for layer in range(layers):
-        for start in range(0, ctx, chunk):
-            t = min(chunk, ctx - start)
-            k = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
-            v = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
-            store.append(layer, seqs, k, v)
-    return store, seqs
 
 
 def main(argv=None) -> int:
@@ -71,7 +57,7 @@ def main(argv=None) -> int:
     for ctx in a.contexts:
         per_layer = ctx * a.hkv * a.batch * a.head_dim * 2 * 2
         layers = a.layers or max(2, min(16, int(2 * 2**30 // per_layer)))
-        store, seqs = build_store(ctx, layers, a.hkv, a.head_dim, a.batch, a.pin)
+        store, seqs = build_store(ctx, layers, a.hkv, a.head_dim, a.batch, pin=a.pin)
         args = [store.layer_args(layer, seqs) for layer in range(layers)]
         q = [torch.randn(a.batch, a.hq, a.head_dim, generator=g).to(torch.bfloat16) for _ in range(layers)]
         for budget in a.budgets:

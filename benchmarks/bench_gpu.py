@@ -37,7 +37,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # a source checkout built in place (setup.py build_ext --inplace)
-from common import environment, write_rows  # noqa: E402
+from common import build_store, environment, write_rows  # noqa: E402
 
 import fluxion  # noqa: E402
 
@@ -96,20 +96,6 @@ def graph_median_s(fn, calls: int = 50, reps: int = 20) -> float:
 # data
 
 
-def build_store(ctx: int, layers: int, batch: int, hkv: int, d: int, seed: int = 0):
-    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, page_tokens=256, pin=True)
-    seqs = [store.add_sequence() for _ in range(batch)]
-    g = torch.Generator().manual_seed(seed)
-    chunk = 16384
-    for layer in range(layers):
-        for start in range(0, ctx, chunk):
-            t = min(chunk, ctx - start)
-            k = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
-            v = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
-            store.append(layer, seqs, k, v)
-    return store, seqs
-
-
 def layer_args(store, layer, seqs, device):
     return (store.pages(), store.frame_table(layer, seqs).to(device), store.seq_lens(layer, seqs).to(device))
 
@@ -150,7 +136,7 @@ def bench_retrieval(a, ceiling, rows, flush):
     stores = {}
     for ctx in a.contexts:
         layers = 2  # rotate layers (and flush L2) so no call reuses the previous call's cache
-        store, seqs = build_store(ctx, layers, a.batch, hkv, d)
+        store, seqs = build_store(ctx, layers, hkv, d, a.batch, pin=True, chunk=16384)
         stores[ctx] = (store, seqs, layers)
         args = [layer_args(store, i, seqs, "cuda") for i in range(layers)]
         qs = [torch.randn(a.batch, hq, d, generator=g).to(torch.bfloat16).cuda() for _ in range(layers)]
@@ -335,7 +321,7 @@ def bench_concurrent(a, ceiling, rows, flush):
     batch = 2
     hq, hkv, d, sink, local = a.hq, a.hkv, a.head_dim, a.sink, a.local
     scale = d ** -0.5
-    store, seqs = build_store(ctx, 1, batch, hkv, d, seed=3)
+    store, seqs = build_store(ctx, 1, hkv, d, batch, pin=True, seed=3, chunk=16384)
     pages, ft, sl = layer_args(store, 0, seqs, "cpu")
     ftd, sld = ft.cuda(), sl.cuda()
     q = torch.randn(batch, hq, d).to(torch.bfloat16)

@@ -4,21 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from fluxion.__main__ import cpu_model
 
 
 def git_sha() -> str:
@@ -43,6 +33,23 @@ def environment() -> dict:
         "simd": fluxion.build_info()["simd"],
     }
     return env
+
+
+def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int = 1, pin: bool = False, seed: int = 0,
+                chunk: int = 8192):
+    """A HostKVStore with `layers` layers of `batch` sequences of `ctx` random BF16 tokens each."""
+    import fluxion
+
+    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, pin=pin)
+    seqs = [store.add_sequence() for _ in range(batch)]
+    g = torch.Generator().manual_seed(seed)
+    for layer in range(layers):
+        for start in range(0, ctx, chunk):
+            t = min(chunk, ctx - start)
+            k = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
+            v = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
+            store.append(layer, seqs, k, v)
+    return store, seqs
 
 
 def host_read_bandwidth(threads: int, gib: float = 2.0, min_run_time: float = 0.5) -> float:

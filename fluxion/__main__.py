@@ -7,7 +7,7 @@ import platform
 import sys
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -29,7 +29,7 @@ def info() -> None:
           f" (arch {b.get('cuda_arch_list')})")
     print(f"  running torch {b['torch_runtime']}, CUDA kernels registered: {b['cuda_kernels']},"
           f" GPU visible: {torch.cuda.is_available()}")
-    print(f"  CPU: {_cpu_model()}; SIMD in use: {b['simd']} (supported: {', '.join(b['simd_supported'])})")
+    print(f"  CPU: {cpu_model()}; SIMD in use: {b['simd']} (supported: {', '.join(b['simd_supported'])})")
     print(f"  threads: {b['threads']} (set with fluxion.set_num_threads or torch.set_num_threads)")
 
 
