@@ -19,6 +19,7 @@ import torch
 MODES = ("full", "fixed", "fluxion")
 BLOCK_SIZES = (16, 32, 64, 128)
 DEVICE_POLICIES = ("auto", "cpu", "gpu")
+DECODE_BACKENDS = ("python", "cpp")
 KV_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -120,6 +121,10 @@ class FluxionConfig:
                     it is bf16/fp16, else float16 (the kernels read 16-bit K/V; fp16 keeps 3 more mantissa
                     bits than bf16 for fp32 models, and an overflow is reported at prefill).
     prefill_chunk:  query tokens per SDPA call during prefill (bounds the score matrix at long prompts).
+    decode_backend: 'python' (the decode step composed of the ops in Python, with a static CPU/GPU split by
+                    ``gpu_share``) or 'cpp' (the C++ step, ``torch.classes.fluxion.HybridRuntime``: one shared
+                    task queue ordered by data volume, CPU workers and a GPU control thread each pulling the
+                    next task when free; ``gpu_share`` is then unused).
     head_table:     see :class:`HeadTable`; shapes are checked against the model by :meth:`validate_for`.
     """
 
@@ -138,6 +143,7 @@ class FluxionConfig:
     page_tokens: int = 256
     kv_dtype: torch.dtype | None = None
     prefill_chunk: int = 2048
+    decode_backend: str = "python"
     head_table: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -173,6 +179,8 @@ class FluxionConfig:
         if not _is_real(self.gpu_share) or not 0.0 <= float(self.gpu_share) <= 1.0:
             raise _err("gpu_share", "a number in [0, 1]", self.gpu_share)
         self.gpu_share = float(self.gpu_share)
+        if self.decode_backend not in DECODE_BACKENDS:
+            raise _err("decode_backend", f"one of {DECODE_BACKENDS}", self.decode_backend)
         if self.device_policy not in DEVICE_POLICIES:
             raise _err("device_policy", f"one of {DEVICE_POLICIES}", self.device_policy)
         if self.host_byte_cap is not None and (not _is_int(self.host_byte_cap) or self.host_byte_cap <= 0):

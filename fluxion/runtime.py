@@ -166,6 +166,9 @@ class HybridAttentionRuntime:
                              f"CUDA kernels; the model is on {self.device}")
         self.store = HostKVStore(num_layers, num_kv_heads, head_dim, self.kv_dtype, config.page_tokens,
                                  config.host_byte_cap, pin=self.on_gpu)
+        # The C++ decode step (decode_backend='cpp') works on this runtime's store and windows.
+        self._cpp = torch.classes.fluxion.HybridRuntime(self.store._impl, num_q_heads, str(self.device), self.sink,
+                                                        self.local, config.cpu_threads or 0)
         self._set_plan_constants(config)
         self.timing = timing
         self._stats = _Stats()
@@ -423,6 +426,8 @@ class HybridAttentionRuntime:
             self._begin_step([1] * q.shape[0])
             self._stats.decode_steps += 1
         st, dev = self._stats, self.device
+        if self.config.decode_backend == "cpp":
+            return self._decode_cpp(layer, q, k, v)
         with self._timed("append_s", gpu=False):
             self._append(layer, k[:, :, None], v[:, :, None])
         lens = self.seq_lens(layer)
@@ -458,6 +463,17 @@ class HybridAttentionRuntime:
             out = out.to(q.dtype)
         self.positions[layer] += 1
         return out
+
+    def _decode_cpp(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """decode() through the C++ step: append, window attention, shared-queue retrieval, merge."""
+        lens = self.seq_lens(layer) + 1  # the plan sees the sequence with its new token, as in decode()
+        budgets, sizes, _, _ = self.plan(layer, lens)
+        out = self._cpp.step(layer, self.seq_ids, self.k_win[layer], self.v_win[layer], q.to(self.kv_dtype),
+                             k[:, :, None].to(self.kv_dtype), v[:, :, None].to(self.kv_dtype),
+                             budgets.float().contiguous(), sizes.to(torch.int32).contiguous(),
+                             self.gpu_retrieval, self.scale)
+        self.positions[layer] += 1
+        return out.to(q.dtype)
 
     # ------------------------------------------------------------------ statistics
     def _timed(self, key: str, gpu: bool = True):

@@ -82,3 +82,24 @@ def test_bad_input_is_rejected():
     with pytest.raises(RuntimeError, match="block_size must be one of"):
         rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), z, z, torch.ones(1, 8),
                   torch.full((1, 2), 8, dtype=torch.int32), False, 0.125)
+
+
+@pytest.mark.parametrize("mode", ["full", "fixed", "fluxion"])
+def test_cpp_decode_backend_matches_python_backend(device, mode):
+    """FluxionConfig(decode_backend='cpp') runs HF decode steps through the C++ step with the same result."""
+    pytest.importorskip("transformers")
+    from test_hf import run_logits, tiny_model, tokens
+
+    m = tiny_model("llama").to(device)
+    ids, nxt = tokens(2, 600).to(device), tokens(2, 5, seed=4).to(device)
+    results = []
+    for backend in ("python", "cpp"):
+        fluxion.enable(m, fluxion.FluxionConfig(mode=mode, block_size=32, budget=0.1, decode_backend=backend))
+        results.append(run_logits(m, ids, nxt, cache=fluxion.new_cache(m))[1])
+        fluxion.disable(m)
+    torch.testing.assert_close(results[1], results[0], atol=2e-3, rtol=2e-3)
+
+
+def test_decode_backend_is_validated():
+    with pytest.raises(ValueError, match="decode_backend"):
+        fluxion.FluxionConfig(decode_backend="rust")

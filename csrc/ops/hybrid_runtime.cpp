@@ -97,12 +97,26 @@ void HybridRuntime::prefill(int64_t layer, const at::Tensor& k, const at::Tensor
 at::Tensor HybridRuntime::decode(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu,
                                  double scale) {
+  TORCH_CHECK(!seq_ids.empty(), "call set_sequences before decode");
+  store->check_layer(layer);
+  at::Tensor kw = k_win[size_t(layer)], vw = v_win[size_t(layer)];
+  return step(layer, seq_ids, kw, vw, q, k, v, budgets, block_sizes, use_gpu, scale);
+}
+
+at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, at::Tensor& k_win_l,
+                               at::Tensor& v_win_l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale) {
   const auto t_step = Clock::now();
   store->check_layer(layer);
+  store->check_seqs(ids);
   const auto& cfg = store->store->config();
-  const int64_t B = int64_t(seq_ids.size()), Hq = num_q_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim,
+  const int64_t B = int64_t(ids.size()), Hq = num_q_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim,
                 G = Hq / Hkv;
-  TORCH_CHECK(B > 0, "call set_sequences before decode");
+  TORCH_CHECK(B > 0, "ids must not be empty");
+  TORCH_CHECK(k_win_l.dim() == 4 && k_win_l.size(0) == B && k_win_l.size(1) == Hkv && k_win_l.size(2) == sink + local &&
+                  k_win_l.size(3) == D && k_win_l.device() == device,
+              "k_win must be [B, Hkv, sink + local, D] = [", B, ", ", Hkv, ", ", sink + local, ", ", D, "] on ", device,
+              ", got ", shape_str(k_win_l), " on ", k_win_l.device());
   TORCH_CHECK(q.dim() == 3 && q.size(0) == B && q.size(1) == Hq && q.size(2) == D, "q must be [B, Hq, D] = [", B,
               ", ", Hq, ", ", D, "], got ", shape_str(q));
   TORCH_CHECK(q.device() == device, "q must be on the runtime's device ", device, ", got ", q.device());
@@ -124,24 +138,23 @@ at::Tensor HybridRuntime::decode(int64_t layer, const at::Tensor& q, const at::T
 
   // 1. The new token: host store (its first retrieval use is 257 steps away) and the dense window.
   auto t = Clock::now();
-  at::Tensor pos = store->seq_lens(layer, seq_ids).unsqueeze(1);  // position of the new token
-  store->append(layer, seq_ids, k, v, c10::nullopt);
-  op<WindowAppendFn>("fluxion::window_append")
-      .call(k_win[size_t(layer)], v_win[size_t(layer)], k, v, pos.to(device), sink);
-  const at::Tensor lens_host = store->seq_lens(layer, seq_ids);
+  at::Tensor pos = store->seq_lens(layer, ids).unsqueeze(1);  // position of the new token
+  store->append(layer, ids, k, v, c10::nullopt);
+  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, pos.to(device), sink);
+  const at::Tensor lens_host = store->seq_lens(layer, ids);
   const at::Tensor lens_dev = lens_host.to(device);
   append_s += since(t);
 
   // 2. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
   t = Clock::now();
-  auto [o_dense, lse_dense] = op<WindowAttentionFn>("fluxion::window_attention")
-                                  .call(q, k_win[size_t(layer)], v_win[size_t(layer)], lens_dev, sink, scale);
+  auto [o_dense, lse_dense] =
+      op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev, sink, scale);
   dense_s += since(t);
 
   // 3. Retrieval tasks from one queue, largest data volume first.
   t = Clock::now();
   const at::Tensor q_host = q.to(at::kCPU).to(at::kFloat).contiguous();  // waits for q's producers
-  const at::Tensor frames = store->frame_table(layer, seq_ids);
+  const at::Tensor frames = store->frame_table(layer, ids);
   core::LayerView view;
   view.pages = store->store->arena();
   view.layout = store->store->layout();
@@ -263,6 +276,11 @@ void register_hybrid_runtime(torch::Library& m) {
       .def("set_sequences", &HybridRuntime::set_sequences)
       .def("prefill", &HybridRuntime::prefill)
       .def("decode", &HybridRuntime::decode)
+      .def("step", [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer, std::vector<int64_t> ids,
+                      at::Tensor k_win, at::Tensor v_win, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                      const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale) {
+        return self->step(layer, ids, k_win, v_win, q, k, v, budgets, block_sizes, use_gpu, scale);
+      })
       .def("stats", &HybridRuntime::stats)
       .def("reset_stats", &HybridRuntime::reset_stats)
       .def("window", [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer) {

@@ -42,6 +42,11 @@ struct HybridRuntime : torch::CustomClassHolder {
   // paper's fixed baseline: the CPU does all retrieval). Returns out [B, Hq, D] float32 on `device`.
   at::Tensor decode(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale);
+  // The same step for sequences `ids` whose windows the caller owns (k_win/v_win [B, Hkv, sink + local, D]
+  // of this layer, updated in place): the form the Python runtime (fluxion/runtime.py) calls.
+  at::Tensor step(int64_t layer, const std::vector<int64_t>& ids, at::Tensor& k_win, at::Tensor& v_win,
+                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& budgets,
+                  const at::Tensor& block_sizes, bool use_gpu, double scale);
   c10::Dict<std::string, double> stats() const;
   void reset_stats();
 };
