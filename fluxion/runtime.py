@@ -492,14 +492,28 @@ class HybridAttentionRuntime:
         st.resolve()
         total = dict(st.t, bytes_cpu=st.bytes_cpu, bytes_pcie=st.bytes_pcie_host, tasks_cpu=st.tasks_cpu,
                      tasks_gpu=st.tasks_gpu)
+        if self.config.decode_backend == "cpp":
+            # Decode steps ran in C++: its host-side timers (seconds), traffic and task counts; gpu_idle_ratio is
+            # the share of the retrieval phase during which no GPU batch was running.
+            c = dict(self._cpp.stats())
+            total.update(append_s=total.get("append_s", 0.0) + c["append_s"], dense_s=c["dense_s"],
+                         retrieval_s=c["retrieval_s"], cpu_busy_s=c["cpu_busy_s"], gpu_busy_s=c["gpu_busy_s"],
+                         merge_s=c["merge_s"], step_s=c["step_s"], bytes_cpu=int(c["cpu_bytes"]),
+                         bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]))
+            total.pop("retrieval_cpu_s", None)
+            total.pop("retrieval_gpu_s", None)
         n = max(st.decode_steps, 1)
-        return dict(total, decode_steps=st.decode_steps, prefill_calls=st.prefill_calls,
-                    prefill_tokens=st.prefill_tokens, prefill_s=st.prefill_s,
-                    per_step={k: v / n for k, v in total.items()}, store=self.store.stats())
+        out = dict(total, decode_steps=st.decode_steps, prefill_calls=st.prefill_calls,
+                   prefill_tokens=st.prefill_tokens, prefill_s=st.prefill_s,
+                   per_step={k: v / n for k, v in total.items()}, store=self.store.stats())
+        if self.config.decode_backend == "cpp":
+            out["gpu_idle_ratio"] = dict(self._cpp.stats())["gpu_idle_ratio"]
+        return out
 
     def reset_stats(self) -> None:
         self._stats.resolve()
         self._stats.reset()
+        self._cpp.reset_stats()
 
     def __repr__(self) -> str:
         return (f"HybridAttentionRuntime(mode={self.config.mode!r}, layers={self.num_layers}, Hq={self.hq}, "

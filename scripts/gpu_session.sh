@@ -27,6 +27,9 @@ if [ "$what" = full ]; then
   python3 -m pytest -q tests -p no:cacheprovider -p no:xdist 2>&1 | tee "$OUT/pytest.log" | tail -15
   python3 benchmarks/bench_cpu_task.py --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"
   python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+  python3 benchmarks/bench_decode.py --model llama3-8b --out "$OUT/bench_decode_llama.json" 2>&1 | tee "$OUT/bench_decode_llama.txt"
+  python3 benchmarks/bench_decode.py --model qwen2.5-7b --batch 4 --out "$OUT/bench_decode_qwen.json" 2>&1 \
+    | tee "$OUT/bench_decode_qwen.txt"
   exit 0
 fi
 timeout 120 python3 -X faulthandler -m pytest -v -p no:cacheprovider -p no:xdist tests/test_cuda.py tests/test_hybrid_runtime.py \

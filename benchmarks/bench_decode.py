@@ -1,0 +1,247 @@
+"""End-to-end decode benchmark: TPOT and the per-step breakdown of Fluxion's modes against HF's caches.
+
+Model geometry from a config in memory with random weights (speed does not depend on weight values):
+Llama-3.1-8B (32 layers, 32 q / 8 kv heads, D=128) or Qwen2.5-7B (28 layers, 28 q / 4 kv heads).
+For each context and batch it prefills random tokens once per mode, then times `--steps` decode steps.
+
+Modes (pick with --modes):
+  full, fixed16-0.05, fixed16-0.02, fluxion   Fluxion's runtime; decode steps run through CUDA-graph segments
+                                              (fluxion.graphs.SegmentGraphs) so only attention runs eagerly;
+                                              'fluxion' uses a synthetic per-head table (--table-seed): 30% of
+                                              heads streaming, the rest budget 0.02..0.10, block 16 or 32 per group.
+  hf-offload                                  HF DynamicCache(offloading=True), sdpa, eager forward.
+  hf-gpu                                      HF DynamicCache on the GPU, sdpa (only where the cache fits).
+  graph-floor                                 the whole decode step of the model with HF's StaticCache captured in
+                                              one CUDA graph (the non-attention floor at --floor-context tokens).
+
+  python benchmarks/bench_decode.py --model llama3-8b --contexts 32768 65536 131072 --batch 1 4 --out decode.json
+  python benchmarks/bench_decode.py --tiny --device cpu --modes full fixed16-0.05   # smoke test, no GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, write_rows  # noqa: E402
+
+import fluxion  # noqa: E402
+
+GEOMETRIES = {
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                      rope_theta=500000.0, max_position_embeddings=131072 + 4096),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, head_dim=128, vocab_size=152064,
+                       rope_theta=1000000.0, max_position_embeddings=131072 + 4096),
+    "tiny": dict(model_type="llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=2, head_dim=32 * 2, vocab_size=512,
+                 max_position_embeddings=65536),
+}
+
+
+def build_model(name: str, layers: int | None, device: str, dtype: torch.dtype):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    geo = dict(GEOMETRIES[name])
+    if layers:
+        geo["num_hidden_layers"] = layers
+    cfg = AutoConfig.for_model(geo.pop("model_type"), **geo)
+    with torch.device(device):  # initialise the random weights where they will live
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def synthetic_table(cfg, seed: int) -> fluxion.HeadTable:
+    g = torch.Generator().manual_seed(seed)
+    L, hq, hkv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    budgets = 0.02 + 0.08 * torch.rand(L, hq, generator=g)
+    budgets[torch.rand(L, hq, generator=g) < 0.3] = 0.0
+    sizes = torch.where(torch.rand(L, hkv, generator=g) < 0.5, 16, 32).to(torch.int32)
+    return fluxion.HeadTable(budgets, sizes)
+
+
+def fluxion_config(mode: str, cfg, a) -> fluxion.FluxionConfig:
+    if mode == "full":
+        return fluxion.FluxionConfig(mode="full", decode_backend=a.backend)
+    if mode.startswith("fixed"):
+        bs, budget = mode[len("fixed"):].split("-")
+        return fluxion.FluxionConfig(mode="fixed", block_size=int(bs), budget=float(budget), decode_backend=a.backend)
+    return fluxion.FluxionConfig(mode="fluxion", head_table=synthetic_table(cfg, a.table_seed), decode_backend=a.backend)
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def run_fluxion(model, mode, ids, a):
+    cfg = model.config
+    fluxion.enable(model, fluxion_config(mode, cfg, a))
+    cache = fluxion.new_cache(model)
+    t = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync(a.device)
+    prefill_s = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if a.device.startswith("cuda") else 0
+    nxt = out.logits[:, -1:].argmax(-1)
+    B, n = ids.shape
+    rt = cache.runtime
+    graphs = None
+    if a.device.startswith("cuda") and not a.no_graphs:
+        from fluxion.graphs import SegmentGraphs
+
+        graphs = SegmentGraphs(model, rt, batch=B)
+    times = []
+    rt.reset_stats()
+    for step in range(a.warmup + a.steps):
+        sync(a.device)
+        t = time.perf_counter()
+        if graphs is not None:
+            pos = torch.full((B, 1), n + step, dtype=torch.long, device=ids.device)
+            logits = graphs.step(nxt, pos)
+        else:
+            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
+        nxt = logits[:, -1:].argmax(-1)
+        sync(a.device)
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t)
+        if step + 1 == a.warmup:
+            rt.reset_stats()
+    stats = rt.stats()
+    fluxion.disable(model)
+    del cache, graphs
+    return times, prefill_s, peak, stats
+
+
+@torch.no_grad()
+def run_hf(model, mode, ids, a):
+    from transformers import DynamicCache
+
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(offloading=True) if mode == "hf-offload" else DynamicCache()
+    t = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    sync(a.device)
+    prefill_s = time.perf_counter() - t
+    peak = torch.cuda.max_memory_allocated() if a.device.startswith("cuda") else 0
+    nxt = out.logits[:, -1:].argmax(-1)
+    times = []
+    for step in range(a.warmup + a.steps):
+        sync(a.device)
+        t = time.perf_counter()
+        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        sync(a.device)
+        if step >= a.warmup:
+            times.append(time.perf_counter() - t)
+    del cache
+    return times, prefill_s, peak, {}
+
+
+@torch.no_grad()
+def graph_floor(model, batch: int, context: int, a):
+    """Median time of one whole decode step captured in a CUDA graph (HF StaticCache, sdpa)."""
+    from transformers import StaticCache
+
+    model.set_attn_implementation("sdpa")
+    dev = a.device
+    cache = StaticCache(config=model.config, max_cache_len=context + 8)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=dev)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    tok = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    pos = torch.full((1,), context, dtype=torch.long, device=dev)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
+    times = []
+    for _ in range(a.steps + a.warmup):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        g.replay()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times[a.warmup:])
+
+
+def pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=sorted(GEOMETRIES), default="llama3-8b")
+    p.add_argument("--tiny", action="store_true", help="the tiny geometry, 2K context, few steps (smoke test)")
+    p.add_argument("--layers", type=int, default=None, help="override the layer count (quicker runs)")
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 65536, 131072])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--modes", nargs="+",
+                   default=["graph-floor", "full", "fixed16-0.05", "fixed16-0.02", "fluxion", "hf-offload", "hf-gpu"])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--floor-context", type=int, default=1024)
+    p.add_argument("--backend", choices=["python", "cpp"], default="cpp", help="FluxionConfig.decode_backend")
+    p.add_argument("--no-graphs", action="store_true", help="Fluxion modes through HF's eager forward")
+    p.add_argument("--table-seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    if a.tiny:
+        a.model, a.contexts, a.batch, a.steps, a.warmup = "tiny", [2048], [1, 2], 4, 1
+    dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
+    env = environment()
+    print(f"# {env['gpu'] or env['cpu']} | torch {env['torch']} | model {a.model} | backend {a.backend} | "
+          f"git {env['git_sha']}")
+    model = build_model(a.model, a.layers, a.device, dtype)
+    rows = []
+    floors = {}
+    if "graph-floor" in a.modes and a.device.startswith("cuda"):
+        for b in a.batch:
+            floors[b] = graph_floor(model, b, a.floor_context, a)
+            print(f"graph floor (whole step in one CUDA graph, {a.floor_context} tokens, batch {b}): "
+                  f"{floors[b] * 1e3:.2f} ms")
+            rows.append(dict(mode="graph-floor", batch=b, context=a.floor_context, tpot_p50_ms=floors[b] * 1e3))
+    print(f"{'mode':<14} {'ctx':>7} {'B':>2} {'TPOT p50':>9} {'p99':>8} {'prefill s':>9} {'peak GiB':>8}  breakdown")
+    for ctx in a.contexts:
+        for b in a.batch:
+            ids = torch.randint(0, model.config.vocab_size, (b, ctx), device=a.device)
+            for mode in a.modes:
+                if mode == "graph-floor" or (mode == "hf-offload" and not a.device.startswith("cuda")):
+                    continue  # both need a GPU
+                if a.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                try:
+                    fn = run_hf if mode.startswith("hf-") else run_fluxion
+                    times, prefill_s, peak, stats = fn(model, mode, ids, a)
+                except torch.OutOfMemoryError:
+                    print(f"{mode:<14} {ctx:>7} {b:>2}  out of GPU memory")
+                    rows.append(dict(mode=mode, context=ctx, batch=b, oom=True))
+                    continue
+                p50, p99 = statistics.median(times), pct(times, 0.99)
+                per = stats.get("per_step", {}) if stats else {}
+                brk = " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in per.items() if k.endswith("_s"))
+                print(f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
+                      f"{peak / 2**30:>8.2f}  {brk}")
+                rows.append(dict(mode=mode, context=ctx, batch=b, tpot_p50_ms=p50 * 1e3, tpot_p99_ms=p99 * 1e3,
+                                 prefill_s=prefill_s, peak_gpu_bytes=peak, stats=stats,
+                                 ratio_to_floor=(p50 / floors[b]) if b in floors else None))
+    write_rows(a.out, rows, env)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
