@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=0.3)
     p.add_argument("--quick", action="store_true", help="8K context, block 16, budget 0.05, threads 1 and all")
     p.add_argument("--pin", action="store_true", help="page-lock the store (as on a GPU machine)")
+    p.add_argument("--page-tokens", type=int, default=256, help="tokens per host page")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     a = p.parse_args(argv)
     ncpu = os.cpu_count() or 1
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     for ctx in a.contexts:
         per_layer = ctx * a.hkv * a.batch * a.head_dim * 2 * 2
         layers = a.layers or max(2, min(16, int(2 * 2**30 // per_layer)))
-        store, seqs = build_store(ctx, layers, a.hkv, a.head_dim, a.batch, pin=a.pin)
+        store, seqs = build_store(ctx, layers, a.hkv, a.head_dim, a.batch, pin=a.pin, page_tokens=a.page_tokens)
         args = [store.layer_args(layer, seqs) for layer in range(layers)]
         q = [torch.randn(a.batch, a.hq, a.head_dim, generator=g).to(torch.bfloat16) for _ in range(layers)]
         for budget in a.budgets:
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
                           f"{gbs:>7.1f} {ceilings[t]:>7.1f} {ratio:>6.2f}")
                     rows.append({"context": ctx, "budget": budget, "block_size": bs, "threads": t, "median_s": med,
                                  "bytes_touched": mean_bytes, "gbps": gbs, "ceiling_gbps": ceilings[t], "ratio": ratio,
-                                 "batch": a.batch, "hq": a.hq, "hkv": a.hkv, "head_dim": a.head_dim, "pinned": a.pin})
+                                 "batch": a.batch, "hq": a.hq, "hkv": a.hkv, "head_dim": a.head_dim, "pinned": a.pin, "page_tokens": a.page_tokens})
         del store, args
     write_rows(a.out, rows, env)
     return 0

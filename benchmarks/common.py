@@ -36,11 +36,11 @@ def environment() -> dict:
 
 
 def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int = 1, pin: bool = False, seed: int = 0,
-                chunk: int = 8192):
+                chunk: int = 8192, page_tokens: int = 256):
     """A HostKVStore with `layers` layers of `batch` sequences of `ctx` random BF16 tokens each."""
     import fluxion
 
-    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, pin=pin)
+    store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, page_tokens=page_tokens, pin=pin)
     seqs = [store.add_sequence() for _ in range(batch)]
     g = torch.Generator().manual_seed(seed)
     for layer in range(layers):
