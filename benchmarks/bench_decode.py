@@ -81,43 +81,53 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-@torch.no_grad()
-def run_fluxion(model, mode, ids, a):
-    cfg = model.config
-    fluxion.enable(model, fluxion_config(mode, cfg, a))
-    cache = fluxion.new_cache(model)
+def prefill(model, ids, cache, a):
+    """Prefill `ids` into `cache`; returns (first next token [B, 1], seconds, peak GPU bytes)."""
     t = time.perf_counter()
     out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     sync(a.device)
-    prefill_s = time.perf_counter() - t
+    seconds = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated() if a.device.startswith("cuda") else 0
-    nxt = out.logits[:, -1:].argmax(-1)
+    return out.logits[:, -1:].argmax(-1), seconds, peak
+
+
+def time_steps(step, nxt, a, after_warmup=lambda: None):
+    """Times a.steps greedy decode steps after a.warmup; step(token [B, 1], index) -> logits [B, 1, V]."""
+    times = []
+    for i in range(a.warmup + a.steps):
+        sync(a.device)
+        t = time.perf_counter()
+        nxt = step(nxt, i)[:, -1:].argmax(-1)
+        sync(a.device)
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t)
+        if i + 1 == a.warmup:
+            after_warmup()
+    return times
+
+
+@torch.no_grad()
+def run_fluxion(model, mode, ids, a):
+    fluxion.enable(model, fluxion_config(mode, model.config, a))
+    cache = fluxion.new_cache(model)
+    nxt, prefill_s, peak = prefill(model, ids, cache, a)
     B, n = ids.shape
     rt = cache.runtime
-    graphs = None
     if a.device.startswith("cuda") and not a.no_graphs:
         from fluxion.graphs import SegmentGraphs
 
         graphs = SegmentGraphs(model, rt, batch=B)
-    times = []
+
+        def step(tok, i):
+            return graphs.step(tok, torch.full((B, 1), n + i, dtype=torch.long, device=ids.device))
+    else:
+        def step(tok, i):
+            return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+
     rt.reset_stats()
-    for step in range(a.warmup + a.steps):
-        sync(a.device)
-        t = time.perf_counter()
-        if graphs is not None:
-            pos = torch.full((B, 1), n + step, dtype=torch.long, device=ids.device)
-            logits = graphs.step(nxt, pos)
-        else:
-            logits = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits
-        nxt = logits[:, -1:].argmax(-1)
-        sync(a.device)
-        if step >= a.warmup:
-            times.append(time.perf_counter() - t)
-        if step + 1 == a.warmup:
-            rt.reset_stats()
+    times = time_steps(step, nxt, a, after_warmup=rt.reset_stats)
     stats = rt.stats()
     fluxion.disable(model)
-    del cache, graphs
     return times, prefill_s, peak, stats
 
 
@@ -127,21 +137,8 @@ def run_hf(model, mode, ids, a):
 
     model.set_attn_implementation("sdpa")
     cache = DynamicCache(offloading=True) if mode == "hf-offload" else DynamicCache()
-    t = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    sync(a.device)
-    prefill_s = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() if a.device.startswith("cuda") else 0
-    nxt = out.logits[:, -1:].argmax(-1)
-    times = []
-    for step in range(a.warmup + a.steps):
-        sync(a.device)
-        t = time.perf_counter()
-        nxt = model(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
-        sync(a.device)
-        if step >= a.warmup:
-            times.append(time.perf_counter() - t)
-    del cache
+    nxt, prefill_s, peak = prefill(model, ids, cache, a)
+    times = time_steps(lambda tok, i: model(input_ids=tok, past_key_values=cache, use_cache=True).logits, nxt, a)
     return times, prefill_s, peak, {}
 
 
