@@ -22,7 +22,6 @@ log-sum-exp merge of all parts (each part has ``lse = -inf`` for the groups it d
 from __future__ import annotations
 
 import math
-import os
 import time
 from typing import Sequence
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _ops
-from .config import FluxionConfig, HeadTable
+from .config import FluxionConfig
 from .store import CapacityError, HostKVStore
 
 
@@ -255,13 +254,8 @@ class HybridAttentionRuntime:
 
     # ------------------------------------------------------------------ capacity and appends
     def _frames_available(self) -> int:
-        """Frames that can still be handed out under the byte cap (mirrors HostKVStore::reserve_free_frames)."""
-        st = self.store.stats()
-        page = os.sysconf("SC_PAGESIZE")
-        limit = min(st["byte_cap"], st["reserved_bytes"]) if st["byte_cap"] > 0 else st["reserved_bytes"]
-        limit = limit // page * page
-        frame_bytes = self.store.page_elems * self.hkv * 2
-        return min(limit // frame_bytes, 2**31 - 1) - st["frames_in_use"]
+        """Frames that can still be handed out under the byte cap (the store's own count)."""
+        return self.store.frames_available()
 
     def _begin_step(self, new_tokens: Sequence[int]) -> None:
         """Checks, before layer 0 stores anything, that every layer of this step fits under the byte cap: a

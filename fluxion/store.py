@@ -53,6 +53,11 @@ class HostKVStore:
     def page_elems(self) -> int:
         return self._impl.page_elems()
 
+    def frames_available(self) -> int:
+        """Frames (page_tokens x all KV heads of one layer and sequence) appends can still obtain under the
+        byte cap / reservation; an append needing more raises CapacityError."""
+        return self._impl.frames_available()
+
     def add_sequence(self) -> int:
         return self._impl.add_sequence()
 

@@ -7,7 +7,7 @@ import torch
 
 import fluxion
 from fluxion import reference as R
-from conftest import fill_store, make_kv, make_q
+from conftest import make_kv, make_q
 
 SINK, LOCAL = 64, 256
 ATOL, RTOL = 1e-4, 1e-3  # fp32 accumulation of exact bf16/fp16 products: far inside 2x a bf16 PyTorch impl

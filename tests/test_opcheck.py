@@ -3,11 +3,10 @@ that fails when an op has no samples."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import fluxion
-from conftest import cuda_kernels_available, make_kv, make_q
+from conftest import make_kv, make_q
 
 
 def _store_args(device, dtype=torch.bfloat16, d=64, lens=(700, 97), hkv=2):

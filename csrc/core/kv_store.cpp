@@ -124,14 +124,24 @@ const std::vector<int32_t>& HostKVStore::frames(int layer, int seq) const {
   return seqs_[seq].frames[layer];
 }
 
+int64_t HostKVStore::limit_bytes() const {
+  const int64_t os_page = int64_t(sysconf(_SC_PAGESIZE));
+  const int64_t limit = config_.byte_cap > 0 ? std::min(config_.byte_cap, reserved_bytes_) : reserved_bytes_;
+  return limit / os_page * os_page;
+}
+
+int64_t HostKVStore::frames_available() const {
+  const int64_t max_frames = std::min<int64_t>(limit_bytes() / frame_bytes(), INT32_MAX);
+  return max_frames - (committed_frames_ - int64_t(free_frames_.size()));
+}
+
 void HostKVStore::reserve_free_frames(int64_t frames_needed) {
   const int64_t missing = frames_needed - int64_t(free_frames_.size());
   if (missing <= 0) return;
   const int64_t fb = frame_bytes();
   const int64_t os_page = int64_t(sysconf(_SC_PAGESIZE));
   const int64_t need_end = round_up((committed_frames_ + missing) * fb, os_page);
-  int64_t limit = config_.byte_cap > 0 ? std::min(config_.byte_cap, reserved_bytes_) : reserved_bytes_;
-  limit = limit / os_page * os_page;
+  const int64_t limit = limit_bytes();
   if (need_end > limit) {
     std::ostringstream os;
     os << "HostKVStore: appending needs " << missing << " more frame(s) of " << mib(fb) << " ("

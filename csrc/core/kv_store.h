@@ -86,6 +86,8 @@ class HostKVStore {
   // checked before the first byte is written).
   void append(int layer, const std::vector<AppendItem>& items, const ParallelFor& parallel = {});
 
+  // Frames that appends can still obtain without exceeding the byte cap or the reservation.
+  int64_t frames_available() const;
   int64_t seq_len(int layer, int seq) const;
   const std::vector<int32_t>& frames(int layer, int seq) const;
   bool has_sequence(int seq) const;
@@ -113,6 +115,7 @@ class HostKVStore {
   };
   void check_layer(int layer) const;
   void check_seq(int seq) const;
+  int64_t limit_bytes() const;  // committed memory may not pass this (cap or reservation, page-aligned)
   // Makes at least `frames_needed` free frames available, committing (and pinning) memory; throws
   // CapacityError without changing anything if the cap or the reservation would be exceeded.
   void reserve_free_frames(int64_t frames_needed);

@@ -259,6 +259,8 @@ TORCH_LIBRARY_FRAGMENT(fluxion, m) {
              return out;
            })
       .def("pinned", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->pinned(); })
+      .def("frames_available",
+           [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->frames_available(); })
       .def("page_elems", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->layout().page_elems(); });
   register_hybrid_runtime(m);
 }

@@ -126,3 +126,18 @@ TEST_CASE("bad configuration is rejected", "[store]") {
   REQUIRE_THROWS_AS(s.seq_len(0, 3), std::out_of_range);
   REQUIRE_THROWS_AS(s.seq_len(7, 0), std::out_of_range);
 }
+
+TEST_CASE("frames_available counts what an append can still obtain", "[store]") {
+  const int D = 64;
+  core::HostKVStore probe(config());
+  const int64_t cap = 3 * probe.frame_bytes() + 8192;
+  core::HostKVStore s(config(cap));
+  REQUIRE(s.frames_available() == 3);
+  auto k = test::random_bf16(size_t(2 * 800 * D), 6);
+  const int seq = s.add_sequence();
+  append_range(s, 0, seq, k, k, 800, 0, 300, D);  // 2 frames
+  REQUIRE(s.frames_available() == 1);
+  REQUIRE_THROWS_AS(append_range(s, 0, seq, k, k, 800, 300, 800, D), core::CapacityError);  // needs 2 more
+  s.free_sequence(seq);
+  REQUIRE(s.frames_available() == 3);
+}
