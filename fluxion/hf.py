@@ -87,7 +87,20 @@ def _attention_modules(model) -> list:
 
 
 # ---------------------------------------------------------------------------------------------- the cache
-class FluxionLayer(CacheLayerMixin):
+class _NoBatchReordering:
+    """Beam search and batch expansion would reorder host-store sequences; not supported (cache and layers)."""
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("FluxionCache does not support beam search (num_beams > 1)")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("FluxionCache does not support batch_repeat_interleave (num_return_sequences)")
+
+    def batch_select_indices(self, indices) -> None:
+        raise NotImplementedError("FluxionCache does not support batch_select_indices")
+
+
+class FluxionLayer(_NoBatchReordering, CacheLayerMixin):
     """One decoder layer's view of the runtime. ``update`` returns the new K/V as they are ([B, Hkv, T, D]) and
     leaves them to the attention function; the layer's length is the number of positions HF has seen."""
 
@@ -146,17 +159,9 @@ class FluxionLayer(CacheLayerMixin):
     def crop(self, *args, **kwargs) -> None:
         raise NotImplementedError("crop the whole FluxionCache (cache.crop(n))")
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("FluxionCache does not support beam search (reorder_cache)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("FluxionCache does not support batch_repeat_interleave")
-
-    def batch_select_indices(self, indices) -> None:
-        raise NotImplementedError("FluxionCache does not support batch_select_indices")
 
 
-class FluxionCache(Cache):
+class FluxionCache(_NoBatchReordering, Cache):
     """A transformers ``Cache`` whose K/V live in Fluxion's host store (``cache.runtime``).
 
     Works as ``past_key_values`` for ``generate()`` and for hand-written decode loops. ``get_seq_length()`` counts
@@ -180,14 +185,6 @@ class FluxionCache(Cache):
         drop = -max_length if max_length < 0 else max(0, n - max_length)
         self.runtime.drop_last(min(drop, n))
 
-    def reorder_cache(self, beam_idx) -> None:
-        raise NotImplementedError("FluxionCache does not support beam search (num_beams > 1)")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("FluxionCache does not support batch_repeat_interleave (num_return_sequences)")
-
-    def batch_select_indices(self, indices) -> None:
-        raise NotImplementedError("FluxionCache does not support batch_select_indices")
 
     def stats(self) -> dict:
         return self.runtime.stats()
