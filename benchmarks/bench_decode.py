@@ -68,12 +68,13 @@ def synthetic_table(cfg, seed: int) -> fluxion.HeadTable:
 
 
 def fluxion_config(mode: str, cfg, a) -> fluxion.FluxionConfig:
+    common = dict(decode_backend=a.backend, cuda_graphs=False if a.no_graphs else None)
     if mode == "full":
-        return fluxion.FluxionConfig(mode="full", decode_backend=a.backend)
+        return fluxion.FluxionConfig(mode="full", **common)
     if mode.startswith("fixed"):
         bs, budget = mode[len("fixed"):].split("-")
-        return fluxion.FluxionConfig(mode="fixed", block_size=int(bs), budget=float(budget), decode_backend=a.backend)
-    return fluxion.FluxionConfig(mode="fluxion", head_table=synthetic_table(cfg, a.table_seed), decode_backend=a.backend)
+        return fluxion.FluxionConfig(mode="fixed", block_size=int(bs), budget=float(budget), **common)
+    return fluxion.FluxionConfig(mode="fluxion", head_table=synthetic_table(cfg, a.table_seed), **common)
 
 
 def sync(device):
@@ -111,18 +112,10 @@ def run_fluxion(model, mode, ids, a):
     fluxion.enable(model, fluxion_config(mode, model.config, a))
     cache = fluxion.new_cache(model)
     nxt, prefill_s, peak = prefill(model, ids, cache, a)
-    B, n = ids.shape
     rt = cache.runtime
-    if a.device.startswith("cuda") and not a.no_graphs:
-        from fluxion.graphs import SegmentGraphs
 
-        graphs = SegmentGraphs(model, rt, batch=B)
-
-        def step(tok, i):
-            return graphs.step(tok, torch.full((B, 1), n + i, dtype=torch.long, device=ids.device))
-    else:
-        def step(tok, i):
-            return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+    def step(tok, i):  # on a GPU, fluxion.enable runs this through the CUDA-graph segments (cuda_graphs)
+        return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
 
     rt.reset_stats()
     times = time_steps(step, nxt, a, after_warmup=rt.reset_stats)
@@ -163,8 +156,14 @@ def graph_floor(model, batch: int, context: int, a):
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         model(input_ids=tok, past_key_values=cache, cache_position=pos, use_cache=True)
+    # transformers 5.x StaticLayer advances its own `cumulative_length` tensor inside the graph: rewind it
+    # before each replay so every step writes slot `context` (4.57 indexes by cache_position instead).
+    counters = [t for t in (getattr(l, "cumulative_length", None) for l in getattr(cache, "layers", []))
+                if isinstance(t, torch.Tensor)]
     times = []
     for _ in range(a.steps + a.warmup):
+        for c in counters:
+            c.fill_(context)
         torch.cuda.synchronize()
         t = time.perf_counter()
         g.replay()

@@ -121,10 +121,14 @@ class FluxionConfig:
                     it is bf16/fp16, else float16 (the kernels read 16-bit K/V; fp16 keeps 3 more mantissa
                     bits than bf16 for fp32 models, and an overflow is reported at prefill).
     prefill_chunk:  query tokens per SDPA call during prefill (bounds the score matrix at long prompts).
-    decode_backend: 'python' (the decode step composed of the ops in Python, with a static CPU/GPU split by
-                    ``gpu_share``) or 'cpp' (the C++ step, ``torch.classes.fluxion.HybridRuntime``: one shared
-                    task queue ordered by data volume, CPU workers and a GPU control thread each pulling the
-                    next task when free; ``gpu_share`` is then unused).
+    decode_backend: 'cpp' (default): the C++ step, ``torch.classes.fluxion.HybridRuntime``: one shared task
+                    queue ordered by data volume, CPU workers and a GPU control thread each pulling the next task
+                    when free (``gpu_share`` unused). 'python': the same step composed of the ops in Python with a
+                    static CPU/GPU split by ``gpu_share`` (a readable twin, tested equal on the CPU).
+    cuda_graphs:    run decode steps (one new token per sequence) through CUDA-graph segments: the GPU work
+                    between attention calls replays as captured graphs, only the hybrid attention runs eagerly
+                    (:class:`fluxion.graphs.SegmentGraphs`). None = on when the model is on a CUDA device;
+                    True requires that; False = HF's eager forward for every step.
     head_table:     see :class:`HeadTable`; shapes are checked against the model by :meth:`validate_for`.
     """
 
@@ -143,7 +147,8 @@ class FluxionConfig:
     page_tokens: int = 256
     kv_dtype: torch.dtype | None = None
     prefill_chunk: int = 2048
-    decode_backend: str = "python"
+    decode_backend: str = "cpp"
+    cuda_graphs: bool | None = None
     head_table: Any = field(default=None, repr=False)
 
     def __post_init__(self):
@@ -181,6 +186,8 @@ class FluxionConfig:
         self.gpu_share = float(self.gpu_share)
         if self.decode_backend not in DECODE_BACKENDS:
             raise _err("decode_backend", f"one of {DECODE_BACKENDS}", self.decode_backend)
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise _err("cuda_graphs", "None, True or False", self.cuda_graphs)
         if self.device_policy not in DEVICE_POLICIES:
             raise _err("device_policy", f"one of {DEVICE_POLICIES}", self.device_policy)
         if self.host_byte_cap is not None and (not _is_int(self.host_byte_cap) or self.host_byte_cap <= 0):

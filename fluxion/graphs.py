@@ -29,7 +29,7 @@ class SegmentGraphs:
     """Decode steps of `model` (batch `batch`, one token per sequence) with graph-captured segments.
 
     `runtime.decode(layer, q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, D]) -> [B, Hq, D]` is called between
-    segments. Call :meth:`step` with input ids [B, 1] and position ids [B, 1]; it returns logits [B, 1, V]
+    segments. ``fluxion.enable`` runs ``generate()``'s decode steps through this class (FluxionConfig.cuda_graphs). Call :meth:`step` with input ids [B, 1] and position ids [B, 1]; it returns logits [B, 1, V]
     (a static buffer: copy it if you keep it past the next step).
     """
 
@@ -119,13 +119,16 @@ class SegmentGraphs:
             self.graphs.append(g)
 
     @torch.no_grad()
-    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """One decode step: input_ids, position_ids [B, 1] -> logits [B, 1, V] (static buffer)."""
+    def step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, runtime=None) -> torch.Tensor:
+        """One decode step: input_ids, position_ids [B, 1] -> logits [B, 1, V] (static buffer). `runtime`
+        overrides the one given at construction (the segments hold no cache state, so one capture serves
+        every cache of this batch size)."""
+        rt = runtime if runtime is not None else self.runtime
         self.ids.copy_(input_ids)
         self.pos.copy_(position_ids)
         self.graphs[0].replay()
         for i in range(len(self.layers)):
             q, k, v = self.outs[i][-3:]
-            self.attn.copy_(self.runtime.decode(i, q, k, v))
+            self.attn.copy_(rt.decode(i, q, k, v))
             self.graphs[i + 1].replay()
         return self.logits

@@ -36,6 +36,7 @@ from .runtime import HybridAttentionRuntime, causal_attention
 
 try:
     from transformers import AttentionInterface
+    from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import AttentionMaskInterface
 except ImportError as e:  # pragma: no cover - the module is only imported by enable()
@@ -293,6 +294,42 @@ def new_cache(model, config: FluxionConfig | None = None) -> FluxionCache:
     return FluxionCache(rt, _text_config(model))
 
 
+# Arguments under which a decode step must take HF's own forward (the graph segments compute logits only).
+_EAGER_ONLY_ARGS = ("inputs_embeds", "labels", "output_attentions", "output_hidden_states")
+
+
+def _graph_decode(model, cache: FluxionCache, arg):
+    """Runs a decode step (one new token per sequence after a prefill) through CUDA-graph segments, capturing
+    them on first use for this batch size; returns None when the call is not such a step, so that HF's forward
+    serves it. `arg(name)` reads a forward argument, positional or keyword."""
+    state = model._fluxion_state
+    ids, rt = arg("input_ids"), cache.runtime
+    if ids is None or ids.dim() != 2 or ids.shape[1] != 1 or not ids.is_cuda or rt.batch != ids.shape[0]:
+        return None
+    if any(arg(n) not in (None, False) for n in _EAGER_ONLY_ARGS) or arg("return_dict") is False:
+        return None
+    sw = state["sliding_window"]
+    if sw is not None and rt.positions[0] + 1 > sw:
+        return None  # the eager path raises the sliding-window error
+    mask = arg("attention_mask")
+    if mask is not None and (mask.dim() != 2 or not bool(mask[:, -1].all())):
+        return None  # a padded new token: the eager path handles it
+    B = ids.shape[0]
+    pos = arg("position_ids")
+    if pos is None:  # as HF's forward: cache_position, else the cache's length
+        cp = arg("cache_position")
+        pos = cp[-1:] if cp is not None else torch.tensor([cache.get_seq_length()])
+    rows = pos.shape[0] if pos.dim() > 1 else 1  # position_ids [B or 1, T]; cache_position [T]
+    pos = pos.to(ids.device, torch.long).reshape(rows, -1)[:, -1:].expand(B, 1)
+    graphs = state["graphs"].get(B)
+    if graphs is None:
+        from .graphs import SegmentGraphs
+
+        graphs = state["graphs"][B] = SegmentGraphs(model, None, batch=B)
+    logits = graphs.step(ids, pos, runtime=rt).clone()  # the graphs' output buffer is reused next step
+    return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+
 def _wrap_forward(model):
     orig = model.forward
     names = list(inspect.signature(orig).parameters)
@@ -301,6 +338,11 @@ def _wrap_forward(model):
     @functools.wraps(orig)
     def forward(*args, **kwargs):
         args = list(args)
+
+        def arg(name):
+            i = names.index(name) if name in names else None
+            return args[i] if i is not None and len(args) > i else kwargs.get(name)
+
         in_args = pos is not None and len(args) > pos
         pkv = args[pos] if in_args else kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
@@ -316,6 +358,10 @@ def _wrap_forward(model):
                 args[pos] = pkv
             else:
                 kwargs["past_key_values"] = pkv
+        if isinstance(pkv, FluxionCache) and model._fluxion_state["cuda_graphs"]:
+            out = _graph_decode(model, pkv, arg)
+            if out is not None:
+                return out
         return orig(*args, **kwargs)
 
     forward._fluxion_wrapped = True
@@ -327,7 +373,9 @@ def enable(model, config: FluxionConfig | None = None):
 
     Registers the "fluxion" attention and mask functions, sets the model's attention implementation to them,
     and wraps the instance's forward so that ``generate()`` and plain calls get a :class:`FluxionCache`. Sets the
-    CPU kernels' thread count when the model is on a GPU (or ``config.cpu_threads`` is given). Returns the model.
+    CPU kernels' thread count when the model is on a GPU (or ``config.cpu_threads`` is given). On a GPU, decode
+    steps (one new token per sequence) run through CUDA-graph segments with only the hybrid attention eager
+    (``config.cuda_graphs``; captured on the first decode step of each batch size). Returns the model.
     """
     config = config if config is not None else FluxionConfig()
     if not isinstance(config, FluxionConfig):
@@ -338,6 +386,9 @@ def enable(model, config: FluxionConfig | None = None):
         warnings.warn(f"{geo['model_type']} uses sliding-window attention (window {geo['sliding_window']}); Fluxion "
                       "computes full attention, identical only while sequences fit in the window, and raises "
                       "ValueError past it", stacklevel=2)
+    on_gpu = any(p.is_cuda for p in model.parameters())
+    if config.cuda_graphs and not on_gpu:
+        raise ValueError("FluxionConfig.cuda_graphs=True needs the model on a CUDA device (None picks automatically)")
     if getattr(model, "_fluxion_config", None) is not None:
         disable(model)
     _register()
@@ -346,12 +397,13 @@ def enable(model, config: FluxionConfig | None = None):
         model.set_attn_implementation(ATTN_NAME)
     else:  # pragma: no cover - older versions
         model.config._attn_implementation = ATTN_NAME
-    on_gpu = any(p.is_cuda for p in model.parameters())
     prev_threads = None
     if on_gpu or config.cpu_threads is not None:
         prev_threads = torch.get_num_threads()
         torch.set_num_threads(config.resolved_cpu_threads())
-    model._fluxion_state = dict(prev_impl=prev_impl, prev_threads=prev_threads)
+    graphs = on_gpu if config.cuda_graphs is None else config.cuda_graphs
+    model._fluxion_state = dict(prev_impl=prev_impl, prev_threads=prev_threads, cuda_graphs=graphs, graphs={},
+                                sliding_window=geo["sliding_window"])
     model._fluxion_config = config
     model.forward = _wrap_forward(model)
     return model

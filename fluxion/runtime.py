@@ -481,6 +481,9 @@ class HybridAttentionRuntime:
         waits for); bytes_cpu (read by the CPU retrieval op) and bytes_pcie (read by the CUDA retrieval op
         from host memory), both from the ops' bytes_read; tasks_cpu / tasks_gpu (retrieval groups run on
         each device); per_step: the same per decode step; store: the host store's memory accounting.
+        With decode_backend='cpp' (the default) retrieval_cpu_s / retrieval_gpu_s give way to the C++ step's
+        retrieval_s (wall time of the shared-queue phase), cpu_busy_s (summed over CPU workers), gpu_busy_s
+        (GPU batches from launch to completion), step_s, and gpu_idle_ratio = 1 - gpu_busy_s / retrieval_s.
         """
         st = self._stats
         st.resolve()

@@ -50,7 +50,15 @@ HybridRuntime::HybridRuntime(c10::intrusive_ptr<StoreHolder> s, int64_t hq, cons
   check_window_args(sink, local);
   TORCH_CHECK(sink + local > 0, "sink + local must be positive");
   TORCH_CHECK(device.is_cpu() || device.is_cuda(), "device must be cpu or cuda, got ", dev);
-  if (device.is_cuda()) TORCH_CHECK(store->store->pinned(), "a CUDA runtime needs a pinned HostKVStore (pin=True)");
+  if (device.is_cuda()) {
+    TORCH_CHECK(store->store->pinned(), "a CUDA runtime needs a pinned HostKVStore (pin=True)");
+    // "cuda" means the current device; name it, so that device checks against tensors on "cuda:N" compare equal.
+#ifdef FLUXION_WITH_CUDA
+    if (!device.has_index()) device = at::Device(at::kCUDA, c10::cuda::current_device());
+#else
+    TORCH_CHECK(false, "this build of fluxion has no CUDA kernels; build with FLUXION_CUDA=1 for device ", dev);
+#endif
+  }
   cpu_workers = workers > 0 ? workers : std::max(1, at::get_num_threads() - (device.is_cuda() ? 1 : 0));
 }
 
