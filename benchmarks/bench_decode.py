@@ -5,10 +5,12 @@ Llama-3.1-8B (32 layers, 32 q / 8 kv heads, D=128) or Qwen2.5-7B (28 layers, 28 
 For each context and batch it prefills random tokens once per mode, then times `--steps` decode steps.
 
 Modes (pick with --modes):
-  full, fixed16-0.05, fixed16-0.02, fluxion   Fluxion's runtime; decode steps run through CUDA-graph segments
-                                              (fluxion.graphs.SegmentGraphs) so only attention runs eagerly;
+  full, fixed16-0.05, fixed16-0.02, fluxion   Fluxion's runtime; on a GPU, decode steps run through CUDA-graph
+                                              segments (FluxionConfig.cuda_graphs) so only attention runs eagerly;
                                               'fluxion' uses a synthetic per-head table (--table-seed): 30% of
                                               heads streaming, the rest budget 0.02..0.10, block 16 or 32 per group.
+  share16-0.05                                'fluxion' mode with fixed16-0.05's budgets for every head: the work
+                                              sharing of the shared queue alone (CPU + GPU vs CPU only).
   hf-offload                                  HF DynamicCache(offloading=True), sdpa, eager forward.
   hf-gpu                                      HF DynamicCache on the GPU, sdpa (only where the cache fits).
   graph-floor                                 the whole decode step of the model with HF's StaticCache captured in
@@ -29,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_rows  # noqa: E402
+from common import environment, h2d_bandwidth, host_read_bandwidth, write_rows  # noqa: E402
 
 import fluxion  # noqa: E402
 
@@ -71,9 +73,10 @@ def fluxion_config(mode: str, cfg, a) -> fluxion.FluxionConfig:
     common = dict(decode_backend=a.backend, cuda_graphs=False if a.no_graphs else None)
     if mode == "full":
         return fluxion.FluxionConfig(mode="full", **common)
-    if mode.startswith("fixed"):
-        bs, budget = mode[len("fixed"):].split("-")
-        return fluxion.FluxionConfig(mode="fixed", block_size=int(bs), budget=float(budget), **common)
+    if mode.startswith(("fixed", "share")):
+        bs, budget = mode[5:].split("-")
+        return fluxion.FluxionConfig(mode="fixed" if mode.startswith("fixed") else "fluxion", block_size=int(bs),
+                                     budget=float(budget), **common)
     return fluxion.FluxionConfig(mode="fluxion", head_table=synthetic_table(cfg, a.table_seed), **common)
 
 
@@ -172,6 +175,18 @@ def graph_floor(model, batch: int, context: int, a):
     return statistics.median(times[a.warmup:])
 
 
+def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: float) -> dict:
+    """The attention step of one decode step (all layers; C++ step_s) against the roofline of the devices it
+    uses: bytes touched / host-read GB/s for 'fixed' (CPU retrieval only), bytes / (host-read + PCIe GB/s)
+    when the GPU shares the retrieval."""
+    nbytes = per.get("bytes_cpu", 0.0) + per.get("bytes_pcie", 0.0)
+    ceiling = host_bw if mode.startswith("fixed") or not pcie_bw else host_bw + pcie_bw
+    roofline = nbytes / (ceiling * 1e9)
+    step = per.get("step_s", 0.0)
+    return dict(attention_ms=step * 1e3, mb_per_step=nbytes / 1e6, roofline_ms=roofline * 1e3,
+                of_roofline=roofline / step if step > 0 else 0.0, gpu_idle_ratio=stats.get("gpu_idle_ratio", 1.0))
+
+
 def pct(xs, q):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
@@ -202,6 +217,13 @@ def main(argv=None) -> int:
     print(f"# {env['gpu'] or env['cpu']} | torch {env['torch']} | model {a.model} | backend {a.backend} | "
           f"git {env['git_sha']}")
     model = build_model(a.model, a.layers, a.device, dtype)
+    # Ceilings of the attention step, measured in this run: host streaming read on the threads fluxion.enable
+    # gives the CPU kernels, and page-locked host -> device copies (PCIe).
+    threads = fluxion.FluxionConfig().resolved_cpu_threads() if a.device.startswith("cuda") else torch.get_num_threads()
+    host_bw = host_read_bandwidth(threads, gib=1.0 if a.tiny else 2.0, min_run_time=0.3)
+    pcie_bw = h2d_bandwidth() if a.device.startswith("cuda") else 0.0
+    print(f"ceilings: host read {host_bw:.1f} GB/s ({threads} threads), page-locked H2D {pcie_bw:.1f} GB/s")
+    env.update(host_read_gbps=host_bw, h2d_gbps=pcie_bw, cpu_threads=threads)
     rows = []
     floors = {}
     if "graph-floor" in a.modes and a.device.startswith("cuda"):
@@ -230,10 +252,16 @@ def main(argv=None) -> int:
                 p50, p99 = statistics.median(times), pct(times, 0.99)
                 per = stats.get("per_step", {}) if stats else {}
                 brk = " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in per.items() if k.endswith("_s"))
+                attn = attention_step(mode, per, stats, host_bw, pcie_bw) if per else {}
+                eff = (f"  | attention {attn['attention_ms']:.2f}ms, {attn['mb_per_step']:.0f} MB, roofline "
+                       f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%}, GPU idle "
+                       f"{attn['gpu_idle_ratio']:.0%}") if attn else ""
                 print(f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
-                      f"{peak / 2**30:>8.2f}  {brk}")
+                      f"{peak / 2**30:>8.2f}{eff}\n{'':>16}{brk}" if per else
+                      f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
+                      f"{peak / 2**30:>8.2f}")
                 rows.append(dict(mode=mode, context=ctx, batch=b, tpot_p50_ms=p50 * 1e3, tpot_p99_ms=p99 * 1e3,
-                                 prefill_s=prefill_s, peak_gpu_bytes=peak, stats=stats,
+                                 prefill_s=prefill_s, peak_gpu_bytes=peak, stats=stats, **attn,
                                  ratio_to_floor=(p50 / floors[b]) if b in floors else None))
     write_rows(a.out, rows, env)
     return 0

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(1, os.path.dirname(HERE))  # a source checkout built in place (setup.py build_ext --inplace)
-from common import build_store, environment, write_rows  # noqa: E402
+from common import build_store, environment, h2d_bandwidth, write_rows  # noqa: E402
 
 import fluxion  # noqa: E402
 
@@ -117,12 +117,7 @@ def candidates(n: int, sink: int, local: int, bs: int) -> int:
 
 
 def bench_h2d(quick: bool) -> float:
-    nbytes = (256 if quick else 1024) << 20
-    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
-    host.random_(0, 255)
-    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    t = cuda_median_s(lambda: dev.copy_(host, non_blocking=True), reps=10 if quick else 20)
-    return nbytes / t / 1e9
+    return h2d_bandwidth((256 if quick else 1024) << 20, reps=10 if quick else 20)
 
 
 def bench_retrieval(a, ceiling, rows, flush):

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 
 import torch
 
-from fluxion.__main__ import cpu_model
+# Run from a checkout without installing: the repository root (which holds the built fluxion/_C) first.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from fluxion.__main__ import cpu_model  # noqa: E402
 
 
 def git_sha() -> str:
@@ -60,6 +63,22 @@ def host_read_bandwidth(threads: int, gib: float = 2.0, min_run_time: float = 0.
     buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
     t = Timer("buf.sum()", globals={"buf": buf}, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
     return buf.numel() * 4 / t.median / 1e9
+
+
+def h2d_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """Page-locked host -> device copy bandwidth in GB/s (median of `reps` copies of `nbytes`)."""
+    host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(reps + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dev.copy_(host, non_blocking=True)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    times = sorted(times[1:])
+    return nbytes / times[len(times) // 2] / 1e9
 
 
 def write_rows(path: str | None, rows: list[dict], env: dict) -> None:

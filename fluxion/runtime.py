@@ -189,6 +189,8 @@ class HybridAttentionRuntime:
         self._budgets = self.table.budgets.float().contiguous()
         self._sizes = self.table.block_sizes.to(torch.int32).contiguous()
         self._group_budget = self._budgets.view(self.num_layers, self.hkv, self.group).sum(-1)  # [L, Hkv]
+        self._cpp_plans: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, B) -> tables
+        self._cpp.configure(config.cpu_threads or 0, self.cpu_retrieval)
 
     def reconfigure(self, config: FluxionConfig) -> None:
         """Switches the decode policy (mode, budgets, block sizes, head table, device split) of a live cache.
@@ -460,11 +462,13 @@ class HybridAttentionRuntime:
 
     def _decode_cpp(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """decode() through the C++ step: append, window attention, shared-queue retrieval, merge."""
-        lens = self.seq_lens(layer) + 1  # the plan sees the sequence with its new token, as in decode()
-        budgets, sizes, _, _ = self.plan(layer, lens)
+        B = q.shape[0]
+        tables = self._cpp_plans.get((layer, B))
+        if tables is None:  # the C++ step takes the per-head tables and plans the queue itself
+            tables = self._cpp_plans[(layer, B)] = (self._budgets[layer].expand(B, self.hq).contiguous(),
+                                                    self._sizes[layer].expand(B, self.hkv).contiguous())
         out = self._cpp.step(layer, self.seq_ids, self.k_win[layer], self.v_win[layer], q.to(self.kv_dtype),
-                             k[:, :, None].to(self.kv_dtype), v[:, :, None].to(self.kv_dtype),
-                             budgets.float().contiguous(), sizes.to(torch.int32).contiguous(),
+                             k[:, :, None].to(self.kv_dtype), v[:, :, None].to(self.kv_dtype), *tables,
                              self.gpu_retrieval, self.scale)
         self.positions[layer] += 1
         return out.to(q.dtype)

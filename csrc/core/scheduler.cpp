@@ -3,8 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <exception>
-#include <mutex>
-#include <thread>
+#include <stdexcept>
 
 namespace fluxion::core {
 namespace {
@@ -17,7 +16,8 @@ TaskQueue::TaskQueue(std::vector<QueueTask> tasks) : tasks_(std::move(tasks)) {
   std::stable_sort(tasks_.begin(), tasks_.end(), [](const QueueTask& a, const QueueTask& b) {
     return a.volume != b.volume ? a.volume > b.volume : a.group < b.group;
   });
-  for (const auto& t : tasks_) total_ += t.volume;
+  suffix_.assign(tasks_.size() + 1, 0);
+  for (size_t i = tasks_.size(); i-- > 0;) suffix_[i] = suffix_[i + 1] + tasks_[i].volume;
 }
 
 int64_t TaskQueue::pop() {
@@ -36,72 +36,120 @@ std::pair<int64_t, int64_t> TaskQueue::pop_batch(int64_t max_volume) {
   return {n, n};
 }
 
-void run_task_queue(TaskQueue& queue, int cpu_workers, const ParallelFor& parallel,
-                    const std::function<void(int64_t, int)>& cpu_fn,
-                    const std::function<void(int64_t, int64_t, int)>& gpu_fn, int64_t gpu_batch_volume,
-                    int max_gpu_batches, QueueRunStats* stats) {
-  const double t0 = now_s();
-  std::atomic<int64_t> cpu_tasks{0};
-  std::vector<double> busy(size_t(std::max(cpu_workers, 1)), 0.0);
-  double gpu_busy = 0;
-  int64_t gpu_tasks = 0;
-  int batches = 0;
-  std::exception_ptr gpu_error;
-  std::thread control;
-  if (gpu_fn) {
-    control = std::thread([&] {
-      try {
-        while (batches < max_gpu_batches) {
-          const auto [b, e] = queue.pop_batch(std::max<int64_t>(gpu_batch_volume, 1));
-          if (b >= e) break;
-          const double t = now_s();
-          gpu_fn(b, e, batches++);
-          gpu_busy += now_s() - t;
-          gpu_tasks += e - b;
-        }
-      } catch (...) {
-        gpu_error = std::current_exception();
-      }
-    });
+std::pair<int64_t, int64_t> TaskQueue::pop_share(int divisor) {
+  const int64_t n = int64_t(tasks_.size());
+  int64_t begin = next_.load(std::memory_order_relaxed);
+  while (begin < n) {
+    const int64_t budget = suffix_[size_t(begin)] / std::max(divisor, 1);
+    int64_t end = begin + 1;
+    while (end < n && suffix_[size_t(begin)] - suffix_[size_t(end + 1)] <= budget) ++end;
+    if (next_.compare_exchange_weak(begin, end, std::memory_order_relaxed)) return {begin, end};
   }
-  std::exception_ptr cpu_error;
-  std::mutex err_mu;
-  auto worker = [&](int w) {
+  return {n, n};
+}
+
+ControlThread::ControlThread() {
+  thread_ = std::thread([this] {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return quit_ || (busy_ && job_); });
+      if (quit_) return;
+      auto fn = std::move(job_);
+      job_ = nullptr;
+      lock.unlock();
+      fn();  // the job catches its own exceptions
+      lock.lock();
+      busy_ = false;
+      cv_.notify_all();
+    }
+  });
+}
+
+ControlThread::~ControlThread() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    quit_ = true;
+  }
+  cv_.notify_all();
+  thread_.join();
+}
+
+void ControlThread::start(std::function<void()> fn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (busy_) throw std::logic_error("ControlThread::start while a job is running");
+  job_ = std::move(fn);
+  busy_ = true;
+  cv_.notify_all();
+}
+
+void ControlThread::wait() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return !busy_; });
+}
+
+void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
+                    int share_divisor, int max_gpu_batches, QueueRunStats* stats) {
+  if (!cpu_fn && !gpu_fn) throw std::invalid_argument("run_task_queue needs a CPU or a GPU consumer");
+  if (gpu_fn && !control) throw std::invalid_argument("run_task_queue: a GPU consumer needs a control thread");
+  const double t0 = now_s();
+  QueueRunStats st;
+  std::exception_ptr gpu_error;
+  auto gpu_loop = [&] {
     try {
-      for (int64_t i = queue.pop(); i >= 0; i = queue.pop()) {
+      while (st.gpu_batches < max_gpu_batches) {
+        // Alone on the queue the GPU takes everything at once; shared, a guided share.
+        const auto [b, e] = cpu_fn ? queue.pop_share(share_divisor) : queue.pop_batch(queue.total_volume());
+        if (b >= e) break;
         const double t = now_s();
-        cpu_fn(i, w);
-        busy[size_t(w)] += now_s() - t;
-        cpu_tasks.fetch_add(1, std::memory_order_relaxed);
+        gpu_fn(b, e, int(st.gpu_batches++));
+        st.gpu_busy_s += now_s() - t;
+        st.gpu_tasks += e - b;
       }
     } catch (...) {
-      std::lock_guard<std::mutex> lock(err_mu);
-      if (!cpu_error) cpu_error = std::current_exception();
+      gpu_error = std::current_exception();
     }
   };
-  if (cpu_workers > 0) {
-    if (parallel && cpu_workers > 1) {
-      parallel(cpu_workers, [&](int64_t b, int64_t e) {
-        for (int64_t w = b; w < e; ++w) worker(int(w));
-      });
-    } else {
-      worker(0);
+  if (gpu_fn) control->start(gpu_loop);
+  std::exception_ptr cpu_error;
+  auto cpu_batch = [&](int64_t b, int64_t e) {
+    const double t = now_s();
+    cpu_fn(b, e);
+    st.cpu_busy_s += now_s() - t;
+    st.cpu_tasks += e - b;
+    ++st.cpu_batches;
+  };
+  if (cpu_fn) {
+    try {
+      for (;;) {
+        const auto [b, e] = gpu_fn ? queue.pop_share(share_divisor) : queue.pop_batch(queue.total_volume());
+        if (b >= e) break;
+        cpu_batch(b, e);
+      }
+    } catch (...) {
+      cpu_error = std::current_exception();
     }
   }
-  if (control.joinable()) control.join();
-  // The GPU stops after max_gpu_batches pulls: anything left (rare) runs on the CPU.
-  if (cpu_workers == 0 || gpu_fn) worker(0);
+  if (gpu_fn) control->wait();
+  // The GPU stopped after max_gpu_batches pulls: what is left runs where it can.
+  if (!cpu_error && !gpu_error) {
+    const auto [b, e] = queue.pop_batch(queue.total_volume() + 1);
+    if (b < e) {
+      try {
+        if (cpu_fn) {
+          cpu_batch(b, e);
+        } else {
+          gpu_fn(b, e, int(st.gpu_batches++));
+          st.gpu_tasks += e - b;
+        }
+      } catch (...) {
+        cpu_error = std::current_exception();
+      }
+    }
+  }
   if (gpu_error) std::rethrow_exception(gpu_error);
   if (cpu_error) std::rethrow_exception(cpu_error);
-  if (stats) {
-    stats->wall_s = now_s() - t0;
-    stats->cpu_busy_s = 0;
-    for (double b : busy) stats->cpu_busy_s += b;
-    stats->gpu_busy_s = gpu_busy;
-    stats->cpu_tasks = cpu_tasks.load();
-    stats->gpu_tasks = gpu_tasks;
-    stats->gpu_batches = batches;
-  }
+  st.wall_s = now_s() - t0;
+  if (stats) *stats = st;
 }
 
 }  // namespace fluxion::core

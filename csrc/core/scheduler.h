@@ -1,14 +1,16 @@
 // The shared task queue of the hybrid decode step: retrieval tasks (one per sequence x KV-head group of
-// a layer) ordered by data volume, largest first; CPU workers pop single tasks, one control thread pops
-// batches for the GPU, each side pulling again when free. Torch-free; the devices are callbacks.
+// a layer) ordered by data volume, largest first. Two consumers pull from it, each taking the next tasks
+// when it is free: the CPU side (a batch runs on every CPU thread at once) and one control thread that
+// launches batches on the GPU. Torch-free; the devices are callbacks.
 #pragma once
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <mutex>
+#include <thread>
 #include <utility>
 #include <vector>
-
-#include "core/kv_store.h"
 
 namespace fluxion::core {
 
@@ -23,34 +25,57 @@ class TaskQueue {
   explicit TaskQueue(std::vector<QueueTask> tasks);
   size_t size() const { return tasks_.size(); }
   const QueueTask& operator[](size_t i) const { return tasks_[i]; }
-  int64_t total_volume() const { return total_; }
+  int64_t total_volume() const { return suffix_.empty() ? 0 : suffix_[0]; }
   // Next task index, or -1 when the queue is empty.
   int64_t pop();
   // Consecutive tasks [begin, end) whose volume adds up to at most max_volume (always at least one task
   // when any is left; empty range when none is).
   std::pair<int64_t, int64_t> pop_batch(int64_t max_volume);
+  // Guided self-scheduling: at most 1/divisor of the volume still queued (at least one task), so pulls shrink
+  // as the queue drains and the consumers finish close together.
+  std::pair<int64_t, int64_t> pop_share(int divisor);
 
  private:
   std::vector<QueueTask> tasks_;
-  int64_t total_ = 0;
+  std::vector<int64_t> suffix_;  // suffix_[i] = volume of tasks [i, n)
   std::atomic<int64_t> next_{0};
 };
 
 struct QueueRunStats {
-  double wall_s = 0;       // whole run
-  double cpu_busy_s = 0;   // summed over workers
-  double gpu_busy_s = 0;   // control thread: from launch to completion of its batches
-  int64_t cpu_tasks = 0, gpu_tasks = 0, gpu_batches = 0;
+  double wall_s = 0;      // whole run
+  double cpu_busy_s = 0;  // CPU side: time spent running its batches (on all its threads)
+  double gpu_busy_s = 0;  // control thread: from launch to completion of its batches
+  int64_t cpu_tasks = 0, gpu_tasks = 0, cpu_batches = 0, gpu_batches = 0;
 };
 
-// Runs the queue to exhaustion. cpu_fn(task_index, worker) runs one task on a CPU worker (there are
-// `cpu_workers` of them, started through `parallel`); gpu_fn(begin, end, batch) launches a batch on the
-// GPU and returns when it has finished. With gpu_fn empty, everything runs on the CPU; with
-// cpu_workers == 0, everything runs on the GPU. A GPU pull takes at most `gpu_batch_volume` bytes of
-// tasks, and at most `max_gpu_batches` pulls happen.
-void run_task_queue(TaskQueue& queue, int cpu_workers, const ParallelFor& parallel,
-                    const std::function<void(int64_t, int)>& cpu_fn,
-                    const std::function<void(int64_t, int64_t, int)>& gpu_fn, int64_t gpu_batch_volume,
-                    int max_gpu_batches, QueueRunStats* stats);
+// A thread kept across runs so that a decode step does not pay a thread start per layer.
+class ControlThread {
+ public:
+  ControlThread();
+  ~ControlThread();
+  ControlThread(const ControlThread&) = delete;
+  ControlThread& operator=(const ControlThread&) = delete;
+  // Runs fn on the thread; wait() returns once it has returned. One job at a time.
+  void start(std::function<void()> fn);
+  void wait();
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::function<void()> job_;
+  bool busy_ = false, quit_ = false;
+  std::thread thread_;
+};
+
+using CpuBatchFn = std::function<void(int64_t begin, int64_t end)>;
+using GpuBatchFn = std::function<void(int64_t begin, int64_t end, int batch)>;
+
+// Runs the queue to exhaustion. cpu_fn runs a batch of tasks on the calling thread (it may use every CPU
+// thread); gpu_fn launches a batch from `control` and returns when the batch has finished. Each pull takes
+// at most 1/share_divisor of what is still queued. Empty gpu_fn: everything runs on the CPU in one batch;
+// empty cpu_fn: everything on the GPU. The GPU pulls at most max_gpu_batches times (anything left then
+// runs on the CPU, or on the GPU when there is no cpu_fn).
+void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
+                    int share_divisor, int max_gpu_batches, QueueRunStats* stats);
 
 }  // namespace fluxion::core

@@ -59,7 +59,8 @@ HybridRuntime::HybridRuntime(c10::intrusive_ptr<StoreHolder> s, int64_t hq, cons
     TORCH_CHECK(false, "this build of fluxion has no CUDA kernels; build with FLUXION_CUDA=1 for device ", dev);
 #endif
   }
-  cpu_workers = workers > 0 ? workers : std::max(1, at::get_num_threads() - (device.is_cuda() ? 1 : 0));
+  TORCH_CHECK(workers >= 0, "cpu_workers must be >= 0 (0 = ATen's thread count), got ", workers);
+  cpu_workers = workers;  // 0: ATen's thread count at each step (fluxion.enable leaves a core to the GPU side)
 }
 
 void HybridRuntime::set_sequences(const std::vector<int64_t>& ids) {
@@ -143,14 +144,33 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   }
   for (int64_t i = 0; i < bsz.numel(); ++i) check_block_size(bsz.data_ptr<int32_t>()[i]);
   use_gpu = use_gpu && device.is_cuda();
+  const bool on_gpu = device.is_cuda();
 
-  // 1. The new token: host store (its first retrieval use is 257 steps away) and the dense window.
+  // 1. This step's inputs on the host in one transfer (q for the CPU tasks, the new K/V for the store):
+  //    three async copies into page-locked memory and one wait, instead of a blocking copy each.
   auto t = Clock::now();
-  at::Tensor pos = store->seq_lens(layer, ids).unsqueeze(1);  // position of the new token
-  store->append(layer, ids, k, v, c10::nullopt);
-  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, pos.to(device), sink);
-  const at::Tensor lens_host = store->seq_lens(layer, ids);
-  const at::Tensor lens_dev = lens_host.to(device);
+  const auto host_opts = at::TensorOptions().dtype(store->scalar_type()).pinned_memory(on_gpu);
+  at::Tensor staged = at::empty({B * (Hq + 2 * Hkv) * D}, host_opts);
+  at::Tensor q_h = staged.narrow(0, 0, B * Hq * D).view({B, Hq, D});
+  at::Tensor k_h = staged.narrow(0, B * Hq * D, B * Hkv * D).view({B, Hkv, 1, D});
+  at::Tensor v_h = staged.narrow(0, B * (Hq + Hkv) * D, B * Hkv * D).view({B, Hkv, 1, D});
+  q_h.copy_(q, on_gpu);
+  k_h.copy_(k, on_gpu);
+  v_h.copy_(v, on_gpu);
+#ifdef FLUXION_WITH_CUDA
+  if (on_gpu) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();  // waits for q's producers
+#endif
+  // The new token: host store (its first retrieval use is `local` steps away) and the dense window, whose
+  // positions and lengths go up in one small async copy.
+  const at::Tensor lens_before = store->seq_lens(layer, ids);
+  store->append(layer, ids, k_h, v_h, c10::nullopt);
+  at::Tensor meta = at::empty({2, B}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
+  meta[0].copy_(lens_before);
+  meta[1].copy_(lens_before + 1);
+  const at::Tensor lens_host = meta[1];
+  const at::Tensor meta_dev = meta.to(device, /*non_blocking=*/true);
+  const at::Tensor lens_dev = meta_dev[1];
+  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, meta_dev[0].unsqueeze(1), sink);
   append_s += since(t);
 
   // 2. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
@@ -159,9 +179,10 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev, sink, scale);
   dense_s += since(t);
 
-  // 3. Retrieval tasks from one queue, largest data volume first.
+  // 3. Retrieval tasks (sequence x KV-head group with a non-zero budget) in one queue, largest data volume
+  //    first; the CPU side and the GPU control thread each pull the next share when free.
   t = Clock::now();
-  const at::Tensor q_host = q.to(at::kCPU).to(at::kFloat).contiguous();  // waits for q's producers
+  const at::Tensor q_host = q_h.to(at::kFloat);
   const at::Tensor frames = store->frame_table(layer, ids);
   core::LayerView view;
   view.pages = store->store->arena();
@@ -182,38 +203,52 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     tasks.push_back({int32_t(g), (r.block_end - r.block_begin) * 2 * D * eb + kv * 2 * bs * D * eb});
   }
   core::TaskQueue queue(std::move(tasks));
-  at::Tensor out_cpu = at::zeros({B, Hq, D}, at::kFloat);
-  at::Tensor lse_cpu = at::full({B, Hq}, -std::numeric_limits<float>::infinity(), at::kFloat);
+  const auto part_opts = at::TensorOptions().dtype(at::kFloat).pinned_memory(on_gpu);
+  at::Tensor out_cpu = at::zeros({B, Hq, D}, part_opts);
+  at::Tensor lse_cpu = at::full({B, Hq}, -std::numeric_limits<float>::infinity(), part_opts);
   at::Tensor bytes_cpu = at::zeros({B, Hkv}, at::kLong);
   const core::cpu::RetrievalConfig rcfg{int(sink), int(local), float(scale)};
-  auto cpu_fn = [&](int64_t i, int) {
-    const int64_t g = queue[size_t(i)].group, b = g / Hkv, kvh = g % Hkv;
-    core::cpu::GroupTask task;
-    task.b = int(b);
-    task.kv_head = int(kvh);
-    task.block_size = bsz.data_ptr<int32_t>()[g];
-    task.q = q_host.data_ptr<float>() + (b * Hq + kvh * G) * D;
-    task.budgets = bud.data_ptr<float>() + b * Hq + kvh * G;
-    task.out = out_cpu.data_ptr<float>() + (b * Hq + kvh * G) * D;
-    task.lse = lse_cpu.data_ptr<float>() + b * Hq + kvh * G;
-    task.bytes_read = bytes_cpu.data_ptr<int64_t>() + g;
-    core::cpu::run_group_tasks(view, int(G), rcfg, &task, 1, core::cpu::Executor{});
+  const core::cpu::Executor executor{cpu_workers > 0 ? int(cpu_workers) : at::get_num_threads(), aten_parallel_for()};
+  core::CpuBatchFn cpu_fn = [&](int64_t begin, int64_t end) {
+    std::vector<core::cpu::GroupTask> batch;
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t g = queue[size_t(i)].group, b = g / Hkv, kvh = g % Hkv;
+      core::cpu::GroupTask task;
+      task.b = int(b);
+      task.kv_head = int(kvh);
+      task.block_size = bsz.data_ptr<int32_t>()[g];
+      task.q = q_host.data_ptr<float>() + (b * Hq + kvh * G) * D;
+      task.budgets = bud.data_ptr<float>() + b * Hq + kvh * G;
+      task.out = out_cpu.data_ptr<float>() + (b * Hq + kvh * G) * D;
+      task.lse = lse_cpu.data_ptr<float>() + b * Hq + kvh * G;
+      task.bytes_read = bytes_cpu.data_ptr<int64_t>() + g;
+      batch.push_back(task);
+    }
+    core::cpu::run_group_tasks(view, int(G), rcfg, batch.data(), int64_t(batch.size()), executor);
   };
   std::vector<at::Tensor> gpu_out, gpu_lse;
   int64_t gpu_bytes_step = 0;
-  std::function<void(int64_t, int64_t, int)> gpu_fn;
+  core::GpuBatchFn gpu_fn;
+  // Small steps stay on the CPU: a GPU pull costs a launch and a wait (tens of microseconds), more than a
+  // few MiB of CPU work.
+  use_gpu = use_gpu && (!cpu_retrieval || queue.total_volume() >= min_gpu_volume);
 #ifdef FLUXION_WITH_CUDA
   at::Tensor bud_dev, bsz_dev, frames_dev, pages;
   if (use_gpu && queue.size() > 0) {
-    bud_dev = bud.to(device);
-    bsz_dev = bsz.to(device);
-    frames_dev = frames.to(device);
-    pages = store->pages();
-    gpu_out.resize(size_t(max_gpu_batches));
-    gpu_lse.resize(size_t(max_gpu_batches));
-    gpu_fn = [&](int64_t begin, int64_t end, int batch) {
+    if (!control) control = std::make_unique<core::ControlThread>();
+    gpu_out.resize(size_t(max_gpu_batches) + 1);
+    gpu_lse.resize(size_t(max_gpu_batches) + 1);
+    const c10::cuda::CUDAStream main_stream = c10::cuda::getCurrentCUDAStream(device.index());
+    gpu_fn = [&, main_stream](int64_t begin, int64_t end, int batch) {
       c10::cuda::CUDAGuard guard(device);
-      c10::cuda::CUDAStreamGuard stream_guard(c10::cuda::getStreamFromPool(false, device.index()));
+      // Launch on the step's stream: q and the window append were enqueued there.
+      c10::cuda::CUDAStreamGuard stream_guard(main_stream);
+      if (!pages.defined()) {  // the plan goes up once per step, from this thread, off the CPU's path
+        bud_dev = bud.to(device);
+        bsz_dev = bsz.to(device);
+        frames_dev = frames.to(device);
+        pages = store->pages();
+      }
       at::Tensor groups = at::empty({end - begin}, at::kInt);
       for (int64_t i = begin; i < end; ++i) groups.data_ptr<int32_t>()[i - begin] = queue[size_t(i)].group;
       auto [o, l, nbytes] = op<RetrievalFn>("fluxion::retrieval_attention")
@@ -226,9 +261,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   }
 #endif
   core::QueueRunStats qs;
-  const int64_t batch_volume = int64_t(double(queue.total_volume()) * gpu_batch_fraction);
-  core::run_task_queue(queue, int(cpu_workers), aten_parallel_for(), cpu_fn, gpu_fn, batch_volume,
-                       int(max_gpu_batches), &qs);
+  core::run_task_queue(queue, (cpu_retrieval || !gpu_fn) ? cpu_fn : core::CpuBatchFn{}, gpu_fn, control.get(),
+                       int(share_divisor), int(max_gpu_batches), &qs);
   retrieval_s += since(t);
   cpu_busy_s += qs.cpu_busy_s;
   gpu_busy_s += qs.gpu_busy_s;
@@ -239,13 +273,19 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
 
   // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run).
   t = Clock::now();
-  std::vector<at::Tensor> outs{o_dense, out_cpu.to(device)}, lses{lse_dense, lse_cpu.to(device)};
+  std::vector<at::Tensor> outs{o_dense}, lses{lse_dense};
+  if (qs.cpu_tasks > 0) {
+    outs.push_back(out_cpu.to(device, /*non_blocking=*/true));
+    lses.push_back(lse_cpu.to(device, /*non_blocking=*/true));
+  }
   for (size_t i = 0; i < gpu_out.size(); ++i)
     if (gpu_out[i].defined()) {
       outs.push_back(gpu_out[i]);
       lses.push_back(gpu_lse[i]);
     }
-  auto [out, lse] = op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs), at::stack(lses));
+  at::Tensor out = o_dense;
+  if (outs.size() > 1)
+    out = std::get<0>(op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs), at::stack(lses)));
   merge_s += since(t);
   step_s += since(t_step);
   ++steps;
@@ -289,6 +329,12 @@ void register_hybrid_runtime(torch::Library& m) {
                       const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale) {
         return self->step(layer, ids, k_win, v_win, q, k, v, budgets, block_sizes, use_gpu, scale);
       })
+      .def("configure",
+           [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t cpu_workers, bool cpu_retrieval) {
+             TORCH_CHECK(cpu_workers >= 0, "cpu_workers must be >= 0 (0 = ATen's thread count), got ", cpu_workers);
+             self->cpu_workers = cpu_workers;
+             self->cpu_retrieval = cpu_retrieval;
+           })
       .def("stats", &HybridRuntime::stats)
       .def("reset_stats", &HybridRuntime::reset_stats)
       .def("window", [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer) {

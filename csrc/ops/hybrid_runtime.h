@@ -2,17 +2,19 @@
 //
 // For one layer and one new token per sequence it appends K/V to the host store and the dense window,
 // runs exact attention over the window on the model's device, runs the retrieval tasks (one per
-// sequence x KV-head group with a non-zero budget) from one shared queue ordered by data volume — CPU
-// workers and one GPU control thread each pull the next task(s) when free — and merges every part by
-// LSE. On a CPU-only machine the same step runs entirely on the CPU.
+// sequence x KV-head group with a non-zero budget) from one shared queue ordered by data volume — the
+// CPU side (every CPU thread on one batch) and one GPU control thread each pull the next share of the
+// queue when free — and merges every part by LSE. On a CPU-only machine the same step runs entirely on the CPU.
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "core/scheduler.h"
 #include "ops/store_class.h"
 
 namespace fluxion::ops {
@@ -21,9 +23,12 @@ struct HybridRuntime : torch::CustomClassHolder {
   c10::intrusive_ptr<StoreHolder> store;
   int64_t num_q_heads = 0, sink = 64, local = 256;
   at::Device device{at::kCPU};
-  int64_t cpu_workers = 1;
-  double gpu_batch_fraction = 0.125;  // share of the step's volume the GPU takes per pull
-  int64_t max_gpu_batches = 8;
+  int64_t cpu_workers = 0;          // threads of the CPU side; 0 = at::get_num_threads() at each step
+  int64_t share_divisor = 3;        // each pull takes at most 1/share_divisor of the volume still queued
+  int64_t max_gpu_batches = 16;
+  int64_t min_gpu_volume = 4 << 20;  // bytes: smaller steps run on the CPU alone
+  bool cpu_retrieval = true;         // false: the GPU takes every task (FluxionConfig.device_policy='gpu')
+  std::unique_ptr<core::ControlThread> control;  // the GPU side's thread, kept across steps
   std::vector<int64_t> seq_ids;          // batch row -> store sequence
   std::vector<at::Tensor> k_win, v_win;  // per layer [B, Hkv, sink + local, D] on `device`
 

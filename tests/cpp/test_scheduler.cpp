@@ -1,5 +1,8 @@
-// The shared task queue: every task runs exactly once, largest first, GPU batches bounded by volume.
+// The shared task queue: every task runs exactly once, largest first, pulls bounded by volume.
+#include <chrono>
 #include <mutex>
+#include <stdexcept>
+#include <tuple>
 #include <set>
 #include <thread>
 
@@ -7,16 +10,6 @@
 #include "core/scheduler.h"
 
 using namespace fluxion;
-
-namespace {
-core::ParallelFor threads_parallel() {
-  return [](int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
-    std::vector<std::thread> ts;
-    for (int64_t i = 0; i < n; ++i) ts.emplace_back([&fn, i] { fn(i, i + 1); });
-    for (auto& t : ts) t.join();
-  };
-}
-}  // namespace
 
 TEST_CASE("queue orders by volume and pops every task once", "[scheduler]") {
   core::TaskQueue q({{0, 5}, {1, 50}, {2, 7}, {3, 50}, {4, 1}});
@@ -37,7 +30,20 @@ TEST_CASE("queue orders by volume and pops every task once", "[scheduler]") {
   REQUIRE(b3 == e3);
 }
 
-TEST_CASE("CPU workers and the GPU control thread share the queue without loss or repeats", "[scheduler]") {
+TEST_CASE("guided shares shrink as the queue drains", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 12; ++g) tasks.push_back({g, 100});
+  core::TaskQueue q(tasks);
+  auto [b, e] = q.pop_share(3);  // a third of 1200
+  REQUIRE(b == 0);
+  REQUIRE(e == 4);
+  std::tie(b, e) = q.pop_share(3);  // a third of 800: 2 tasks
+  REQUIRE(e - b == 2);
+  std::tie(b, e) = q.pop_share(100);  // less than one task: still one
+  REQUIRE(e - b == 1);
+}
+
+TEST_CASE("the CPU side and the GPU control thread share the queue without loss or repeats", "[scheduler]") {
   std::vector<core::QueueTask> tasks;
   for (int g = 0; g < 200; ++g) tasks.push_back({g, 1000 + (g * 37) % 500});
   core::TaskQueue q(tasks);
@@ -45,32 +51,58 @@ TEST_CASE("CPU workers and the GPU control thread share the queue without loss o
   std::multiset<int32_t> seen;
   int64_t gpu_seen = 0;
   core::QueueRunStats st;
+  core::ControlThread control;
+  auto record = [&](int64_t b, int64_t e) {
+    std::this_thread::sleep_for(std::chrono::microseconds(50 * (e - b)));
+    std::lock_guard<std::mutex> l(mu);
+    for (int64_t i = b; i < e; ++i) seen.insert(q[size_t(i)].group);
+  };
   core::run_task_queue(
-      q, 4, threads_parallel(),
-      [&](int64_t i, int) {
-        std::lock_guard<std::mutex> l(mu);
-        seen.insert(q[size_t(i)].group);
-      },
+      q, record,
       [&](int64_t b, int64_t e, int) {
-        std::this_thread::sleep_for(std::chrono::microseconds(200));
-        std::lock_guard<std::mutex> l(mu);
-        for (int64_t i = b; i < e; ++i) seen.insert(q[size_t(i)].group);
+        record(b, e);
         gpu_seen += e - b;
       },
-      5000, 1000, &st);
+      &control, 3, 1000, &st);
   REQUIRE(seen.size() == 200);
   REQUIRE(std::set<int32_t>(seen.begin(), seen.end()).size() == 200);
   REQUIRE(st.cpu_tasks + st.gpu_tasks == 200);
   REQUIRE(st.gpu_tasks == gpu_seen);
+  REQUIRE(st.gpu_tasks > 0);  // both sides pulled
+  REQUIRE(st.cpu_tasks > 0);
+}
+
+TEST_CASE("a capped GPU side leaves the rest to the CPU; one side alone takes one batch", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 50; ++g) tasks.push_back({g, 10});
+  core::ControlThread control;
+  core::TaskQueue q(tasks);
+  core::QueueRunStats st;
+  int64_t ran = 0;
+  core::run_task_queue(
+      q, [&](int64_t b, int64_t e) { ran += e - b; }, [&](int64_t b, int64_t e, int) { ran += e - b; }, &control, 3,
+      1, &st);
+  REQUIRE(ran == 50);
+  REQUIRE(st.gpu_batches <= 1);
+  core::TaskQueue alone(tasks);
+  core::run_task_queue(alone, {}, [&](int64_t b, int64_t e, int) { REQUIRE(e - b == 50); }, &control, 3, 4, &st);
+  REQUIRE(st.gpu_batches == 1);
 }
 
 TEST_CASE("without a GPU callback every task runs on the CPU and errors propagate", "[scheduler]") {
   core::TaskQueue q({{0, 1}, {1, 2}, {2, 3}});
-  int ran = 0;
-  core::run_task_queue(q, 1, {}, [&](int64_t, int) { ++ran; }, {}, 0, 0, nullptr);
+  int ran = 0, batches = 0;
+  core::run_task_queue(q, [&](int64_t b, int64_t e) { ran += int(e - b), ++batches; }, {}, nullptr, 3, 0, nullptr);
   REQUIRE(ran == 3);
+  REQUIRE(batches == 1);
   core::TaskQueue q2({{0, 1}, {1, 2}});
+  core::ControlThread control;
   REQUIRE_THROWS_AS(core::run_task_queue(
-                        q2, 1, {}, [&](int64_t, int) { throw std::runtime_error("boom"); }, {}, 0, 0, nullptr),
+                        q2, [&](int64_t, int64_t) { throw std::runtime_error("boom"); }, {}, nullptr, 3, 0, nullptr),
+                    std::runtime_error);
+  core::TaskQueue q3({{0, 1}, {1, 2}});
+  REQUIRE_THROWS_AS(core::run_task_queue(
+                        q3, {}, [](int64_t, int64_t, int) { throw std::runtime_error("gpu"); },
+                        &control, 3, 4, nullptr),
                     std::runtime_error);
 }
