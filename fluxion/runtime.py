@@ -140,6 +140,10 @@ class HybridAttentionRuntime:
         timing:        record per-part timings (CUDA events on a GPU); traffic and task counts are always kept.
     """
 
+    # Decode steps whose retrieval reads fewer bytes than this run on the CPU alone: a GPU pull costs a launch
+    # and a wait (tens of microseconds), more than a few MiB of CPU work.
+    min_gpu_volume = 4 << 20
+
     def __init__(self, config: FluxionConfig, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, scale: float | None = None,
                  timing: bool = True):
@@ -190,7 +194,7 @@ class HybridAttentionRuntime:
         self._sizes = self.table.block_sizes.to(torch.int32).contiguous()
         self._group_budget = self._budgets.view(self.num_layers, self.hkv, self.group).sum(-1)  # [L, Hkv]
         self._cpp_plans: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, B) -> tables
-        self._cpp.configure(config.cpu_threads or 0, self.cpu_retrieval)
+        self._cpp.configure(config.cpu_threads or 0, self.cpu_retrieval, self.min_gpu_volume)
 
     def reconfigure(self, config: FluxionConfig) -> None:
         """Switches the decode policy (mode, budgets, block sizes, head table, device split) of a live cache.

@@ -400,7 +400,11 @@ gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda_kernels_availab
 
 @gpu
 @pytest.mark.parametrize("mode", ["full", "fluxion"])
-def test_gpu_path_matches_cpu_only(mode):
+def test_gpu_path_matches_cpu_only(mode, monkeypatch):
+    # The tiny model's steps read far less than the runtime's threshold for involving the GPU: lower it.
+    from fluxion.runtime import HybridAttentionRuntime
+
+    monkeypatch.setattr(HybridAttentionRuntime, "min_gpu_volume", 0)
     ids, nxt = tokens(2, 700, seed=70), tokens(2, 33, seed=71)
     table = HeadTable(torch.tensor([[0.0, 0.2, 0.5, 0.1], [0.3, 0.0, 0.05, 1.0]]),
                       torch.tensor([[16, 64], [32, 128]], dtype=torch.int32)) if mode == "fluxion" else None

@@ -88,17 +88,24 @@ void ControlThread::wait() {
 }
 
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
-                    int share_divisor, int max_gpu_batches, QueueRunStats* stats) {
+                    const QueueSplit& split, QueueRunStats* stats) {
   if (!cpu_fn && !gpu_fn) throw std::invalid_argument("run_task_queue needs a CPU or a GPU consumer");
   if (gpu_fn && !control) throw std::invalid_argument("run_task_queue: a GPU consumer needs a control thread");
   const double t0 = now_s();
+  const bool shared = cpu_fn && gpu_fn;
+  const double cpu_share = std::min(std::max(split.cpu_share, 0.0), 1.0);
+  // A side's next pull: everything when it is alone; its scaled expected share first; then guided shares.
+  auto pull = [&](bool first, double share) {
+    if (!shared) return queue.pop_batch(queue.total_volume());
+    if (first) return queue.pop_batch(int64_t(double(queue.total_volume()) * share * split.first_pull));
+    return queue.pop_share(split.share_divisor);
+  };
   QueueRunStats st;
   std::exception_ptr gpu_error;
   auto gpu_loop = [&] {
     try {
-      while (st.gpu_batches < max_gpu_batches) {
-        // Alone on the queue the GPU takes everything at once; shared, a guided share.
-        const auto [b, e] = cpu_fn ? queue.pop_share(share_divisor) : queue.pop_batch(queue.total_volume());
+      while (st.gpu_batches < split.max_gpu_batches) {
+        const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
         if (b >= e) break;
         const double t = now_s();
         gpu_fn(b, e, int(st.gpu_batches++));
@@ -121,7 +128,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   if (cpu_fn) {
     try {
       for (;;) {
-        const auto [b, e] = gpu_fn ? queue.pop_share(share_divisor) : queue.pop_batch(queue.total_volume());
+        const auto [b, e] = pull(st.cpu_batches == 0, cpu_share);
         if (b >= e) break;
         cpu_batch(b, e);
       }

@@ -70,12 +70,22 @@ class ControlThread {
 using CpuBatchFn = std::function<void(int64_t begin, int64_t end)>;
 using GpuBatchFn = std::function<void(int64_t begin, int64_t end, int batch)>;
 
+// How the two sides split the queue. Both devices run large batches far better than small ones (the CPU
+// side pays a parallel region per phase, the GPU a launch, a wait and a latency-bound top-k), so each side's
+// first pull is its expected share of the volume (from the throughputs measured on earlier steps), scaled
+// by first_pull so the rest is balanced dynamically; later pulls take 1/share_divisor of what is left.
+struct QueueSplit {
+  double cpu_share = 0.5;   // expected fraction of the volume the CPU side finishes in the time the GPU does the rest
+  double first_pull = 0.8;  // fraction of that share taken by each side's first pull
+  int share_divisor = 3;
+  int max_gpu_batches = 16;
+};
+
 // Runs the queue to exhaustion. cpu_fn runs a batch of tasks on the calling thread (it may use every CPU
-// thread); gpu_fn launches a batch from `control` and returns when the batch has finished. Each pull takes
-// at most 1/share_divisor of what is still queued. Empty gpu_fn: everything runs on the CPU in one batch;
-// empty cpu_fn: everything on the GPU. The GPU pulls at most max_gpu_batches times (anything left then
-// runs on the CPU, or on the GPU when there is no cpu_fn).
+// thread); gpu_fn launches a batch from `control` and returns when the batch has finished. Empty gpu_fn:
+// everything runs on the CPU in one batch; empty cpu_fn: everything on the GPU in one batch. The GPU pulls
+// at most split.max_gpu_batches times (anything left then runs on the CPU).
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
-                    int share_divisor, int max_gpu_batches, QueueRunStats* stats);
+                    const QueueSplit& split, QueueRunStats* stats);
 
 }  // namespace fluxion::core

@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <limits>
+#include <thread>
 
 #include "core/cpu/retrieval.h"
 #include "core/scheduler.h"
@@ -13,6 +14,8 @@
 #include "ops/cpu_executor.h"
 
 #ifdef FLUXION_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
@@ -243,32 +246,59 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       c10::cuda::CUDAGuard guard(device);
       // Launch on the step's stream: q and the window append were enqueued there.
       c10::cuda::CUDAStreamGuard stream_guard(main_stream);
+      // Host -> device copies from page-locked memory, asynchronous: nothing here waits for the stream.
+      auto up = [&](const at::Tensor& t) { return t.pin_memory().to(device, /*non_blocking=*/true); };
       if (!pages.defined()) {  // the plan goes up once per step, from this thread, off the CPU's path
-        bud_dev = bud.to(device);
-        bsz_dev = bsz.to(device);
-        frames_dev = frames.to(device);
+        bud_dev = up(bud);
+        bsz_dev = up(bsz);
+        frames_dev = up(frames);
         pages = store->pages();
       }
       at::Tensor groups = at::empty({end - begin}, at::kInt);
       for (int64_t i = begin; i < end; ++i) groups.data_ptr<int32_t>()[i - begin] = queue[size_t(i)].group;
       auto [o, l, nbytes] = op<RetrievalFn>("fluxion::retrieval_attention")
-                                .call(q, pages, frames_dev, lens_dev, bud_dev, bsz_dev, groups.to(device),
+                                .call(q, pages, frames_dev, lens_dev, bud_dev, bsz_dev, up(groups),
                                       view.layout.page_tokens, sink, local, scale);
-      gpu_bytes_step += nbytes.sum().item<int64_t>();  // waits for the batch
+      at::Tensor nb_host = at::empty({}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+      nb_host.copy_(nbytes.sum(), /*non_blocking=*/true);
+      // Wait for the batch by polling an event with short sleeps: a blocking wait would spin on a core the
+      // CPU side's threads need.
+      cudaEvent_t done;
+      C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+      C10_CUDA_CHECK(cudaEventRecord(done, main_stream.stream()));
+      cudaError_t state;
+      while ((state = cudaEventQuery(done)) == cudaErrorNotReady)
+        std::this_thread::sleep_for(std::chrono::microseconds(20));
+      C10_CUDA_CHECK(cudaEventDestroy(done));
+      C10_CUDA_CHECK(state);
+      gpu_bytes_step += nb_host.item<int64_t>();
       gpu_out[size_t(batch)] = o;
       gpu_lse[size_t(batch)] = l;
     };
   }
 #endif
   core::QueueRunStats qs;
-  core::run_task_queue(queue, (cpu_retrieval || !gpu_fn) ? cpu_fn : core::CpuBatchFn{}, gpu_fn, control.get(),
-                       int(share_divisor), int(max_gpu_batches), &qs);
+  core::QueueSplit split;
+  split.max_gpu_batches = int(max_gpu_batches);
+  if (cpu_rate > 0 && gpu_rate > 0) split.cpu_share = cpu_rate / (cpu_rate + gpu_rate);
+  core::run_task_queue(queue, (cpu_retrieval || !gpu_fn) ? cpu_fn : core::CpuBatchFn{}, gpu_fn, control.get(), split,
+                       &qs);
   retrieval_s += since(t);
+  // Throughputs for the next step's split (exponential average over steps; only steps where a side ran).
+  const int64_t cpu_bytes_step = bytes_cpu.sum().item<int64_t>();
+  auto update_rate = [](double& rate, int64_t bytes, double busy) {
+    if (busy <= 0 || bytes <= 0) return;
+    rate = rate > 0 ? 0.7 * rate + 0.3 * (double(bytes) / busy) : double(bytes) / busy;
+  };
+  if (gpu_fn) {
+    update_rate(cpu_rate, cpu_bytes_step, qs.cpu_busy_s);
+    update_rate(gpu_rate, gpu_bytes_step, qs.gpu_busy_s);
+  }
   cpu_busy_s += qs.cpu_busy_s;
   gpu_busy_s += qs.gpu_busy_s;
   cpu_tasks += qs.cpu_tasks;
   gpu_tasks += qs.gpu_tasks;
-  cpu_bytes += bytes_cpu.sum().item<int64_t>();
+  cpu_bytes += cpu_bytes_step;
   gpu_bytes += gpu_bytes_step;
 
   // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run).
@@ -330,10 +360,13 @@ void register_hybrid_runtime(torch::Library& m) {
         return self->step(layer, ids, k_win, v_win, q, k, v, budgets, block_sizes, use_gpu, scale);
       })
       .def("configure",
-           [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t cpu_workers, bool cpu_retrieval) {
+           [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t cpu_workers, bool cpu_retrieval,
+              int64_t min_gpu_volume) {
              TORCH_CHECK(cpu_workers >= 0, "cpu_workers must be >= 0 (0 = ATen's thread count), got ", cpu_workers);
+             TORCH_CHECK(min_gpu_volume >= 0, "min_gpu_volume must be >= 0 bytes, got ", min_gpu_volume);
              self->cpu_workers = cpu_workers;
              self->cpu_retrieval = cpu_retrieval;
+             self->min_gpu_volume = min_gpu_volume;
            })
       .def("stats", &HybridRuntime::stats)
       .def("reset_stats", &HybridRuntime::reset_stats)

@@ -24,9 +24,9 @@ struct HybridRuntime : torch::CustomClassHolder {
   int64_t num_q_heads = 0, sink = 64, local = 256;
   at::Device device{at::kCPU};
   int64_t cpu_workers = 0;          // threads of the CPU side; 0 = at::get_num_threads() at each step
-  int64_t share_divisor = 3;        // each pull takes at most 1/share_divisor of the volume still queued
   int64_t max_gpu_batches = 16;
-  int64_t min_gpu_volume = 4 << 20;  // bytes: smaller steps run on the CPU alone
+  int64_t min_gpu_volume = 4 << 20;  // bytes: smaller steps run on the CPU alone (set by configure)
+  double cpu_rate = 0, gpu_rate = 0;  // measured retrieval bytes/s of each side (set the queue split)
   bool cpu_retrieval = true;         // false: the GPU takes every task (FluxionConfig.device_policy='gpu')
   std::unique_ptr<core::ControlThread> control;  // the GPU side's thread, kept across steps
   std::vector<int64_t> seq_ids;          // batch row -> store sequence

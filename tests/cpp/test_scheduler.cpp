@@ -43,6 +43,20 @@ TEST_CASE("guided shares shrink as the queue drains", "[scheduler]") {
   REQUIRE(e - b == 1);
 }
 
+TEST_CASE("first pulls take the expected shares, later ones guided shares", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 20; ++g) tasks.push_back({g, 100});
+  core::TaskQueue q(tasks);
+  core::QueueSplit split;
+  split.cpu_share = 0.75;  // the CPU is three times as fast: its first pull is 0.8 x 75% of the volume
+  std::vector<int64_t> cpu_pulls;
+  core::ControlThread control;
+  core::run_task_queue(
+      q, [&](int64_t b, int64_t e) { cpu_pulls.push_back(e - b); }, [](int64_t, int64_t, int) {}, &control, split,
+      nullptr);
+  REQUIRE(cpu_pulls.at(0) == 12);
+}
+
 TEST_CASE("the CPU side and the GPU control thread share the queue without loss or repeats", "[scheduler]") {
   std::vector<core::QueueTask> tasks;
   for (int g = 0; g < 200; ++g) tasks.push_back({g, 1000 + (g * 37) % 500});
@@ -63,7 +77,7 @@ TEST_CASE("the CPU side and the GPU control thread share the queue without loss 
         record(b, e);
         gpu_seen += e - b;
       },
-      &control, 3, 1000, &st);
+      &control, core::QueueSplit{}, &st);
   REQUIRE(seen.size() == 200);
   REQUIRE(std::set<int32_t>(seen.begin(), seen.end()).size() == 200);
   REQUIRE(st.cpu_tasks + st.gpu_tasks == 200);
@@ -79,30 +93,32 @@ TEST_CASE("a capped GPU side leaves the rest to the CPU; one side alone takes on
   core::TaskQueue q(tasks);
   core::QueueRunStats st;
   int64_t ran = 0;
+  core::QueueSplit one_gpu_pull;
+  one_gpu_pull.max_gpu_batches = 1;
   core::run_task_queue(
-      q, [&](int64_t b, int64_t e) { ran += e - b; }, [&](int64_t b, int64_t e, int) { ran += e - b; }, &control, 3,
-      1, &st);
+      q, [&](int64_t b, int64_t e) { ran += e - b; }, [&](int64_t b, int64_t e, int) { ran += e - b; }, &control,
+      one_gpu_pull, &st);
   REQUIRE(ran == 50);
   REQUIRE(st.gpu_batches <= 1);
   core::TaskQueue alone(tasks);
-  core::run_task_queue(alone, {}, [&](int64_t b, int64_t e, int) { REQUIRE(e - b == 50); }, &control, 3, 4, &st);
+  core::run_task_queue(alone, {}, [&](int64_t b, int64_t e, int) { REQUIRE(e - b == 50); }, &control, core::QueueSplit{}, &st);
   REQUIRE(st.gpu_batches == 1);
 }
 
 TEST_CASE("without a GPU callback every task runs on the CPU and errors propagate", "[scheduler]") {
   core::TaskQueue q({{0, 1}, {1, 2}, {2, 3}});
   int ran = 0, batches = 0;
-  core::run_task_queue(q, [&](int64_t b, int64_t e) { ran += int(e - b), ++batches; }, {}, nullptr, 3, 0, nullptr);
+  core::run_task_queue(q, [&](int64_t b, int64_t e) { ran += int(e - b), ++batches; }, {}, nullptr, core::QueueSplit{}, nullptr);
   REQUIRE(ran == 3);
   REQUIRE(batches == 1);
   core::TaskQueue q2({{0, 1}, {1, 2}});
   core::ControlThread control;
   REQUIRE_THROWS_AS(core::run_task_queue(
-                        q2, [&](int64_t, int64_t) { throw std::runtime_error("boom"); }, {}, nullptr, 3, 0, nullptr),
+                        q2, [&](int64_t, int64_t) { throw std::runtime_error("boom"); }, {}, nullptr, core::QueueSplit{}, nullptr),
                     std::runtime_error);
   core::TaskQueue q3({{0, 1}, {1, 2}});
   REQUIRE_THROWS_AS(core::run_task_queue(
                         q3, {}, [](int64_t, int64_t, int) { throw std::runtime_error("gpu"); },
-                        &control, 3, 4, nullptr),
+                        &control, core::QueueSplit{}, nullptr),
                     std::runtime_error);
 }
