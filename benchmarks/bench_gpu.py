@@ -11,8 +11,9 @@ Sections (all in one run, medians of CUDA-event timings after warm-up):
   staging    the alternative to zero-copy: gather the selected blocks on the host into a pinned buffer,
              cudaMemcpyAsync it, attend on the GPU (SDPA with a mask); vs zero-copy sparse_attention on
              the same selection
-  window     window_attention vs torch SDPA on a 320-token window (B=1, 32/8 heads, D=128, bf16), eager
-             and CUDA-graph replay
+  window     every window_attention kernel (fluxion.set_window_kernel) vs torch SDPA on windows of
+             --window-sizes tokens (sink included) at batches --window-batches (32/8 heads, D=128, bf16):
+             eager, one-call graph replay, and 20 calls per graph
   concurrent CPU retrieval (torch.ops.fluxion.retrieval_attention on CPU tensors, 15 threads) on half the
              groups while the GPU op runs the other half: combined bytes/s vs each alone. The GPU op only
              enqueues kernels, so calling it first and the CPU op right after runs both at once (no thread
@@ -271,44 +272,65 @@ def _wall(fn) -> float:
     return time.perf_counter() - t
 
 
+WINDOW_KERNELS = ("tile", "mma", "mma:1", "mma:2", "mma:4", "mma:8")  # fluxion.set_window_kernel values
+
+
 def bench_window(a, rows):
-    B, hq, hkv, d, sink, W = 1, a.hq, a.hkv, a.head_dim, a.sink, a.sink + a.local
+    """Every window_attention kernel vs SDPA, per (window, batch): eager (one call between events), graph1
+    (a one-call CUDA graph replayed: launch cost included) and graph20 (20 calls in one graph / 20: the
+    kernel alone, back to back)."""
+    hq, hkv, d, sink = a.hq, a.hkv, a.head_dim, a.sink
     scale = d ** -0.5
-    q = torch.randn(B, hq, d, device="cuda").to(torch.bfloat16)
-    kw = torch.randn(B, hkv, W, d, device="cuda").to(torch.bfloat16)
-    vw = torch.randn_like(kw)
-    sl = torch.full((B,), 100000, dtype=torch.int32, device="cuda")  # every slot valid
-    q4 = q.view(B, hq, 1, d)
-    kx, vx = kw.repeat_interleave(hq // hkv, 1), vw.repeat_interleave(hq // hkv, 1)
-    cands = {
-        "fluxion.window_attention": lambda: OPS.window_attention(q, kw, vw, sl, sink, scale),
-        "sdpa(enable_gqa)": lambda: F.scaled_dot_product_attention(q4, kw, vw, scale=scale, enable_gqa=True),
-        "sdpa(expanded K/V)": lambda: F.scaled_dot_product_attention(q4, kx, vx, scale=scale),
-        "sdpa(expand inside)": lambda: F.scaled_dot_product_attention(
-            q4, kw.repeat_interleave(hq // hkv, 1), vw.repeat_interleave(hq // hkv, 1), scale=scale),
-    }
-    ref = F.scaled_dot_product_attention(q4.float(), kx.float(), vx.float(), scale=scale).view(B, hq, d)
-    err = float((OPS.window_attention(q, kw, vw, sl, sink, scale)[0] - ref).abs().max())
-    print(f"\n## dense window: B={B}, {hq}/{hkv} heads, D={d}, W={W}, bf16 (max |ours - fp32 SDPA| = {err:.2e})")
-    print(f"{'kernel':>26} {'eager us':>9} {'graph us':>9}")
-    res = {}
-    for name, fn in cands.items():
-        try:
-            te = cuda_median_s(fn, reps=200, warmup=20)
-            tg = graph_median_s(fn)
-        except Exception as e:  # e.g. an SDPA variant this torch does not support
-            print(f"{name:>26} unavailable: {str(e).splitlines()[0][:60]}")
-            continue
-        res[name] = (te, tg)
-        print(f"{name:>26} {te * 1e6:>9.1f} {tg * 1e6:>9.1f}")
-    ours = res["fluxion.window_attention"]
-    base = [v for k, v in res.items() if k != "fluxion.window_attention"]
-    best_e = min(v[0] for v in base) if base else float("nan")
-    best_g = min(v[1] for v in base) if base else float("nan")
-    print(f"ratio ours / best SDPA: eager {ours[0] / best_e:.2f}, graph {ours[1] / best_g:.2f} (< 1: ours faster)")
-    for name, (te, tg) in res.items():
-        rows.append(dict(section="window", kernel=name, window=W, hq=hq, hkv=hkv, head_dim=d, eager_us=te * 1e6,
-                         graph_us=tg * 1e6, ratio_to_best_sdpa_eager=te / best_e, ratio_to_best_sdpa_graph=tg / best_g))
+    before = fluxion.window_kernel()
+    print(f"\n## dense window vs SDPA ({hq}/{hkv} heads, D={d}, bf16, sink {sink}); median us per call; "
+          f"ratio = / best SDPA in that column")
+    for W in a.window_sizes:
+        for B in a.window_batches:
+            q = torch.randn(B, hq, d, device="cuda").to(torch.bfloat16)
+            kw = torch.randn(B, hkv, W, d, device="cuda").to(torch.bfloat16)
+            vw = torch.randn_like(kw)
+            sl = torch.full((B,), 100000, dtype=torch.int32, device="cuda")  # every slot valid
+            q4 = q.view(B, hq, 1, d)
+            kx, vx = kw.repeat_interleave(hq // hkv, 1), vw.repeat_interleave(hq // hkv, 1)
+            ref = F.scaled_dot_product_attention(q4.float(), kx.float(), vx.float(), scale=scale).view(B, hq, d)
+            ours = [(f"fluxion {k}", k) for k in WINDOW_KERNELS]
+            sdpa = {
+                "sdpa(enable_gqa)": lambda: F.scaled_dot_product_attention(q4, kw, vw, scale=scale, enable_gqa=True),
+                "sdpa(expanded K/V)": lambda: F.scaled_dot_product_attention(q4, kx, vx, scale=scale),
+                "sdpa(expand inside)": lambda: F.scaled_dot_product_attention(
+                    q4, kw.repeat_interleave(hq // hkv, 1), vw.repeat_interleave(hq // hkv, 1), scale=scale),
+            }
+            res = {}
+
+            def measure(name, fn):
+                try:
+                    res[name] = (cuda_median_s(fn, reps=200, warmup=20), graph_median_s(fn, calls=1, reps=50),
+                                 graph_median_s(fn, calls=20, reps=20))
+                except Exception as e:  # e.g. an SDPA variant this torch does not support
+                    print(f"{name:>22} unavailable: {str(e).splitlines()[0][:60]}")
+
+            for name, fn in sdpa.items():
+                measure(name, fn)
+            errs = {}
+            for name, kernel in ours:
+                fluxion.set_window_kernel(kernel)  # graphs keep the kernel they captured
+                fn = lambda: OPS.window_attention(q, kw, vw, sl, sink, scale)  # noqa: E731
+                errs[name] = float((fn()[0] - ref).abs().max())
+                measure(name, fn)
+            base = [v for k, v in res.items() if k.startswith("sdpa")]
+            best = [min(v[i] for v in base) if base else float("nan") for i in range(3)]
+            print(f"\nW={W} ({sink} sink + {W - sink} local), B={B}")
+            print(f"{'kernel':>22} {'eager':>7} {'graph1':>7} {'graph20':>7} | {'ratio e':>7} {'g1':>5} {'g20':>5} | "
+                  f"{'max err':>8}")
+            for name, (te, t1, t20) in res.items():
+                err = errs.get(name)
+                print(f"{name:>22} {te * 1e6:>7.1f} {t1 * 1e6:>7.1f} {t20 * 1e6:>7.1f} | {te / best[0]:>7.2f} "
+                      f"{t1 / best[1]:>5.2f} {t20 / best[2]:>5.2f} | {'' if err is None else f'{err:.1e}':>8}")
+                rows.append(dict(section="window", kernel=name, window=W, sink=sink, batch=B, hq=hq, hkv=hkv,
+                                 head_dim=d, eager_us=te * 1e6, graph1_us=t1 * 1e6, graph20_us=t20 * 1e6,
+                                 ratio_to_best_sdpa_eager=te / best[0], ratio_to_best_sdpa_graph1=t1 / best[1],
+                                 ratio_to_best_sdpa_graph20=t20 / best[2], max_err_vs_fp32=err))
+    fluxion.set_window_kernel(before)
 
 
 def bench_concurrent(a, ceiling, rows, flush):
@@ -392,6 +414,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--sink", type=int, default=64)
     p.add_argument("--local", type=int, default=256)
+    p.add_argument("--window-sizes", type=int, nargs="+", default=[320, 1088], help="window section: sink + local")
+    p.add_argument("--window-batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     p.add_argument("--sections", nargs="+", default=["h2d", "retrieval", "staging", "window", "concurrent"])

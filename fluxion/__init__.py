@@ -58,6 +58,18 @@ def set_simd_level(level: str) -> None:
     _C.set_simd_level(level)
 
 
+def set_window_kernel(kernel: str) -> None:
+    """CUDA kernel of window_attention, process-wide: 'auto' (default), 'tile', 'mma' or 'mma:R' (R = 1..8
+    CTAs per (sequence, KV head, head slice); 1 = no cluster). Initial value: $FLUXION_WINDOW_KERNEL. A CUDA
+    graph keeps the kernel it captured."""
+    _C.set_window_kernel(kernel)
+
+
+def window_kernel() -> str:
+    """The kernel window_attention launches on CUDA now (see set_window_kernel)."""
+    return _C.window_kernel()
+
+
 # HuggingFace integration. transformers is imported on first use only (PEP 562), so `import fluxion` stays light.
 from .config import FluxionConfig, HeadTable  # noqa: E402
 

@@ -40,6 +40,20 @@ def _needs_cuda():
     yield
 
 
+# window_attention's kernels (fluxion.set_window_kernel): both designs, the mma one with its heuristic split,
+# without a cluster, and with an odd cluster size.
+WINDOW_KERNELS = ("tile", "mma", "mma:1", "mma:3")
+
+
+@pytest.fixture(params=WINDOW_KERNELS)
+def window_kernel(request):
+    """Runs a test once per window_attention kernel, restoring the previous one afterwards."""
+    before = fluxion.window_kernel()
+    fluxion.set_window_kernel(request.param)
+    yield request.param
+    fluxion.set_window_kernel(before)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Data
 
@@ -509,7 +523,7 @@ def test_window_append_matches_cpu_and_semantics(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("G", [1, 4, 8, 12])
-def test_window_attention(dtype, D, G):
+def test_window_attention(dtype, D, G, window_kernel):
     sink, local = 64, 256
     W = sink + local
     lens = [0, 1, 17, 64, 97, 320, 333, 1000]
@@ -540,7 +554,7 @@ def test_window_attention(dtype, D, G):
         assert_attention_close(out, lse, co, cl, lowp, what="window vs CPU")
 
 
-def test_window_attention_small_and_odd_windows():
+def test_window_attention_small_and_odd_windows(window_kernel):
     for sink, W in ((0, 16), (4, 4), (3, 45), (16, 1000)):
         B, H, G, D = 2, 1, 4, 128
         g = torch.Generator().manual_seed(W)
@@ -557,6 +571,43 @@ def test_window_attention_small_and_odd_windows():
                 ro, rl = R.attention(q[b, h], kw[b, 0, valid], vw[b, 0, valid], 0.1)
                 torch.testing.assert_close(out[b, h].cpu(), ro, rtol=1e-4, atol=1e-4)
                 torch.testing.assert_close(lse[b, h].cpu(), rl, rtol=1e-5, atol=1e-4)
+
+
+def test_window_attention_graph_replay_matches_eager(window_kernel):
+    B, H, G, D, sink, W = 2, 2, 4, 128, 64, 320
+    g = torch.Generator().manual_seed(7)
+    kw = torch.randn(B, H, W, D, generator=g).to(torch.bfloat16).cuda()
+    vw = torch.randn(B, H, W, D, generator=g).to(torch.bfloat16).cuda()
+    q = torch.randn(B, H * G, D, generator=g).to(torch.bfloat16).cuda()
+    sl = torch.tensor([1000, 150], dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        OPS.window_attention(q, kw, vw, sl, sink, 0.1)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = OPS.window_attention(q, kw, vw, sl, sink, 0.1)
+    q.copy_(torch.randn(q.shape, generator=g).to(q.dtype))
+    sl.copy_(torch.tensor([97, 333], dtype=torch.int32))
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = OPS.window_attention(q, kw, vw, sl, sink, 0.1)
+    assert torch.equal(captured[0], eager[0]) and torch.equal(captured[1], eager[1])
+
+
+def test_set_window_kernel():
+    before = fluxion.window_kernel()
+    try:
+        for k in ("tile", "mma", "mma:8", "auto"):
+            fluxion.set_window_kernel(k)
+            assert fluxion.window_kernel() == k
+        for bad in ("", "mma:0", "mma:9", "cluster", "mma:12"):
+            with pytest.raises(ValueError, match="window kernel"):
+                fluxion.set_window_kernel(bad)
+        assert fluxion.window_kernel() == "auto"
+    finally:
+        fluxion.set_window_kernel(before)
 
 
 # ---------------------------------------------------------------------------------------------------------

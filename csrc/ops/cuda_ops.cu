@@ -400,6 +400,7 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cuda(const at::Tensor& q, co
   wp.window = W;
   wp.sink = sink;
   wp.scale = float(scale);
+  wp.num_sms = device_sms();
   wp.out = out.data_ptr<float>();
   wp.lse = lse.data_ptr<float>();
   check_launch(kc::window_attention(wp, nullptr, current_stream()));

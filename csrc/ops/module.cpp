@@ -1,5 +1,6 @@
-// fluxion._C: a Python module that only loads the op library, plus two tiny functions for the SIMD level
-// (no pybind11: ops and classes are registered with the dispatcher when this library loads).
+// fluxion._C: a Python module that only loads the op library, plus tiny functions for the SIMD level and the
+// window_attention CUDA kernel (no pybind11: ops and classes are registered with the dispatcher when this
+// library loads).
 #include <Python.h>
 
 #include <ATen/Parallel.h>
@@ -8,6 +9,9 @@
 #include <string>
 
 #include "core/cpu/kernels.h"
+#ifdef FLUXION_WITH_CUDA
+#include "core/cuda/window.cuh"
+#endif
 
 namespace {
 
@@ -50,12 +54,39 @@ PyObject* set_simd_level(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
+PyObject* window_kernel(PyObject*, PyObject*) {
+#ifdef FLUXION_WITH_CUDA
+  return PyUnicode_FromString(fluxion::core::cuda::window_kernel().c_str());
+#else
+  PyErr_SetString(PyExc_RuntimeError, "fluxion was built without CUDA kernels");
+  return nullptr;
+#endif
+}
+
+PyObject* set_window_kernel(PyObject*, PyObject* arg) {
+  const char* name = PyUnicode_AsUTF8(arg);
+  if (name == nullptr) return nullptr;
+#ifdef FLUXION_WITH_CUDA
+  if (!fluxion::core::cuda::set_window_kernel(name)) {
+    PyErr_Format(PyExc_ValueError, "window kernel must be auto, tile, mma or mma:R (R in 1..8), got '%s'", name);
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+#else
+  PyErr_SetString(PyExc_RuntimeError, "fluxion was built without CUDA kernels");
+  return nullptr;
+#endif
+}
+
 PyObject* parallel_info(PyObject*, PyObject*) { return PyUnicode_FromString(at::get_parallel_info().c_str()); }
 
 PyMethodDef kMethods[] = {
     {"simd_level", simd_level, METH_NOARGS, "SIMD level the CPU kernels use now."},
     {"simd_supported", simd_supported, METH_NOARGS, "SIMD levels this CPU supports."},
     {"set_simd_level", set_simd_level, METH_O, "Use 'scalar', 'avx2', 'avx512' or 'avx512_bf16' kernels (must be supported)."},
+    {"window_kernel", window_kernel, METH_NOARGS, "Kernel window_attention launches on CUDA (see set_window_kernel)."},
+    {"set_window_kernel", set_window_kernel, METH_O,
+     "window_attention's CUDA kernel: 'auto', 'tile', 'mma' or 'mma:R' (R = 1..8 CTAs per head slice)."},
     {"parallel_info", parallel_info, METH_NOARGS, "ATen's parallel backend and thread settings."},
     {nullptr, nullptr, 0, nullptr}};
 

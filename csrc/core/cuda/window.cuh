@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "core/layout.h"
 
@@ -30,9 +31,15 @@ size_t window_append_workspace_bytes(const WindowAppendParams& p);
 cudaError_t window_append(const WindowAppendParams& p, void* workspace, cudaStream_t stream);
 
 // Exact attention of q [B, Hq, D] over the valid slots of each sequence's window (seq_lens [B] int32):
-// out [B, Hq, D] float32, lse [B, Hq] float32 (natural log; 0 / -inf when no slot is valid). One cluster of
-// up to 8 CTAs per (sequence, KV head, slice of <= 8 query heads) splits the window; the ranks merge the partial
-// states through distributed shared memory, so the op is a single launch. D in {64, 128}, Hq / Hkv <= 64.
+// out [B, Hq, D] float32, lse [B, Hq] float32 (natural log; 0 / -inf when no slot is valid). One launch;
+// D in {64, 128}, Hq / Hkv <= 64. Two kernels (see set_window_kernel), both with a cluster of up to 8 CTAs
+// per (sequence, KV head, slice of <= 8 query heads) that split the window and merge their partial states
+// through distributed shared memory:
+//   tile: 128 threads per CTA fold 16-token K/V tiles staged in shared memory (cp.async) on CUDA cores.
+//   mma:  each warp owns 16-token tiles held in registers (16-byte loads issued at entry, before anything
+//         else) and runs both products on tensor cores (mma.sync m16n8k16, fp32 accumulation; P is split
+//         into a high and a low half so the result keeps about 16 mantissa bits); the warps of a CTA merge
+//         in shared memory. With one rank there is no cluster at all.
 struct WindowAttentionParams {
   const void* q = nullptr;
   const void* k_win = nullptr;
@@ -42,10 +49,18 @@ struct WindowAttentionParams {
   int32_t batch = 0, num_q_heads = 0, num_kv_heads = 0, head_dim = 0;
   int64_t window = 0, sink = 0;
   float scale = 1.f;
+  int32_t num_sms = 0;  // multiprocessors of the device (the mma kernel's split heuristic); 0: assume 132
   float* out = nullptr;
   float* lse = nullptr;
 };
 size_t window_attention_workspace_bytes(const WindowAttentionParams& p);  // 0
 cudaError_t window_attention(const WindowAttentionParams& p, void* workspace, cudaStream_t stream);
+
+// Which kernel window_attention launches, process-wide (a captured CUDA graph keeps the one it captured):
+// "auto" (the default heuristic), "tile", "mma" (ranks by heuristic) or "mma:R" (R = 1..8 CTAs per
+// (sequence, KV head, head slice); 1 = a single CTA, no cluster). The initial value comes from the
+// environment variable FLUXION_WINDOW_KERNEL (read once; an invalid value means "auto").
+bool set_window_kernel(const std::string& spec);  // false (nothing changed) when spec is not valid
+std::string window_kernel();
 
 }  // namespace fluxion::core::cuda
