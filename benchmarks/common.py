@@ -15,6 +15,9 @@ from fluxion.__main__ import cpu_model  # noqa: E402
 
 
 def git_sha() -> str:
+    """The commit measured: $FLUXION_GIT_SHA when set (copies of the tree without .git), else git's HEAD."""
+    if os.environ.get("FLUXION_GIT_SHA"):
+        return os.environ["FLUXION_GIT_SHA"]
     try:
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True,

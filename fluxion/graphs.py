@@ -28,7 +28,7 @@ SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 class SegmentGraphs:
     """Decode steps of `model` (batch `batch`, one token per sequence) with graph-captured segments.
 
-    `runtime.decode(layer, q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, D]) -> [B, Hq, D]` is called between
+    `runtime.decode(layer, q [B, Hq, D], k [B, Hkv, D], v [B, Hkv, D], out=[B, Hq, D])` is called between
     segments. ``fluxion.enable`` runs ``generate()``'s decode steps through this class (FluxionConfig.cuda_graphs). Call :meth:`step` with input ids [B, 1] and position ids [B, 1]; it returns logits [B, 1, V]
     (a static buffer: copy it if you keep it past the next step).
     """
@@ -129,6 +129,6 @@ class SegmentGraphs:
         self.graphs[0].replay()
         for i in range(len(self.layers)):
             q, k, v = self.outs[i][-3:]
-            self.attn.copy_(rt.decode(i, q, k, v))
+            rt.decode(i, q, k, v, out=self.attn)
             self.graphs[i + 1].replay()
         return self.logits

@@ -416,18 +416,20 @@ class HybridAttentionRuntime:
         n_gpu = int((mid < self.config.gpu_share * float(vol.sum())).sum())
         return budgets, sizes, order[n_gpu:].to(torch.int32), order[:n_gpu].to(torch.int32)
 
-    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               out: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per sequence: store it, then attention over everything stored.
 
         q [B, Hq, D], k/v [B, Hkv, D] on the model's device (model dtype). Returns [B, Hq, D] in q's dtype:
-        merge(window_attention, retrieval on the GPU, retrieval on the CPU).
+        merge(window_attention, retrieval on the GPU, retrieval on the CPU), written into `out` when given.
         """
         if layer == 0:
             self._begin_step([1] * q.shape[0])
             self._stats.decode_steps += 1
         st, dev = self._stats, self.device
         if self.config.decode_backend == "cpp":
-            return self._decode_cpp(layer, q, k, v)
+            res = self._decode_cpp(layer, q, k, v)  # float32
+            return out.copy_(res) if out is not None else res.to(q.dtype)
         with self._timed("append_s", gpu=False):
             self._append(layer, k[:, :, None], v[:, :, None])
         lens = self.seq_lens(layer)
@@ -459,10 +461,9 @@ class HybridAttentionRuntime:
             st.bytes_cpu += int(nb.sum())
             st.tasks_cpu += cpu_groups.numel()
         with self._timed("merge_s"):
-            out = outs[0] if len(outs) == 1 else _ops.merge_attention_states(torch.stack(outs), torch.stack(lses))[0]
-            out = out.to(q.dtype)
+            res = outs[0] if len(outs) == 1 else _ops.merge_attention_states(torch.stack(outs), torch.stack(lses))[0]
         self.positions[layer] += 1
-        return out
+        return out.copy_(res) if out is not None else res.to(q.dtype)
 
     def _decode_cpp(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """decode() through the C++ step: append, window attention, shared-queue retrieval, merge."""
@@ -475,7 +476,7 @@ class HybridAttentionRuntime:
                              k[:, :, None].to(self.kv_dtype), v[:, :, None].to(self.kv_dtype), *tables,
                              self.gpu_retrieval, self.scale)
         self.positions[layer] += 1
-        return out.to(q.dtype)
+        return out
 
     # ------------------------------------------------------------------ statistics
     def _timed(self, key: str, gpu: bool = True):

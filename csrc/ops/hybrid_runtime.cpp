@@ -4,6 +4,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <chrono>
 #include <limits>
 #include <thread>
@@ -40,6 +41,8 @@ template <class Fn>
 c10::TypedOperatorHandle<Fn> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Fn>();
 }
+
+constexpr int64_t kCpuBytesPerThread = 256 << 10;
 
 }  // namespace
 
@@ -211,8 +214,14 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   at::Tensor lse_cpu = at::full({B, Hq}, -std::numeric_limits<float>::infinity(), part_opts);
   at::Tensor bytes_cpu = at::zeros({B, Hkv}, at::kLong);
   const core::cpu::RetrievalConfig rcfg{int(sink), int(local), float(scale)};
-  const core::cpu::Executor executor{cpu_workers > 0 ? int(cpu_workers) : at::get_num_threads(), aten_parallel_for()};
+  const int max_threads = cpu_workers > 0 ? int(cpu_workers) : at::get_num_threads();
   core::CpuBatchFn cpu_fn = [&](int64_t begin, int64_t end) {
+    // Each parallel phase wakes every thread it uses: a small batch (short contexts) uses a few threads only,
+    // one per kCpuBytesPerThread of expected reads.
+    int64_t volume = 0;
+    for (int64_t i = begin; i < end; ++i) volume += queue[size_t(i)].volume;
+    const int threads = int(std::clamp<int64_t>(volume / kCpuBytesPerThread, 1, max_threads));
+    const core::cpu::Executor executor{threads, aten_parallel_for()};
     std::vector<core::cpu::GroupTask> batch;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t g = queue[size_t(i)].group, b = g / Hkv, kvh = g % Hkv;

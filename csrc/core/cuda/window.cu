@@ -573,6 +573,8 @@ cudaError_t launch_mma(const WindowAttentionParams& p, int ranks_req, cudaStream
 
 // Kernel choice: kind * 16 + ranks (mma only; 0 = heuristic).
 enum Kind : int { kAuto = 0, kTile = 1, kMma = 2 };
+// What "auto" runs: the kernel measured fastest on the H200 (BENCHMARKS.md, dense window).
+constexpr int kAutoKernel = kTile;
 
 bool parse_kernel(const std::string& s, int& out) {
   if (s == "auto") return out = kAuto * 16, true;
@@ -628,8 +630,9 @@ cudaError_t window_attention(const WindowAttentionParams& p, void*, cudaStream_t
     return cudaErrorInvalidValue;
   if (p.batch <= 0) return cudaSuccess;
   const int k = kernel_setting().load(std::memory_order_relaxed);
-  if (k / 16 == kTile) return launch_tile(p, stream);
-  return launch_mma(p, k % 16, stream);  // auto = mma with heuristic ranks
+  const int kind = k / 16 == kAuto ? kAutoKernel : k / 16;
+  if (kind == kTile) return launch_tile(p, stream);
+  return launch_mma(p, k % 16, stream);  // mma: 0 ranks = the heuristic
 }
 
 bool set_window_kernel(const std::string& spec) {
