@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p.add_argument("--min-run-time", type=float, default=0.3)
     p.add_argument("--quick", action="store_true", help="8K context, block 16, budget 0.05, threads 1 and all")
     p.add_argument("--pin", action="store_true", help="page-lock the store (as on a GPU machine)")
-    p.add_argument("--page-tokens", type=int, default=256, help="tokens per host page")
+    p.add_argument("--page-tokens", type=int, default=1024, help="tokens per host page")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     a = p.parse_args(argv)
     ncpu = os.cpu_count() or 1

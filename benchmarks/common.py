@@ -36,7 +36,7 @@ def environment() -> dict:
 
 
 def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int = 1, pin: bool = False, seed: int = 0,
-                chunk: int = 8192, page_tokens: int = 256):
+                chunk: int = 8192, page_tokens: int = 1024):
     """A HostKVStore with `layers` layers of `batch` sequences of `ctx` random BF16 tokens each."""
     import fluxion
 

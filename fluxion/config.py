@@ -140,7 +140,7 @@ class FluxionConfig:
     gpu_share: float = 0.5
     device_policy: str = "auto"
     host_byte_cap: int | None = None
-    page_tokens: int = 256
+    page_tokens: int = 1024
     kv_dtype: torch.dtype | None = None
     prefill_chunk: int = 2048
     decode_backend: str = "python"

@@ -129,6 +129,21 @@ def test_retrieval_attention_matches_reference(dtype, d, group, simd):
         assert int(nbytes[b, kvh]) == want, (gid, int(nbytes[b, kvh]), want)
 
 
+@pytest.mark.parametrize("page_tokens", [1024, 128])
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+def test_retrieval_window_edges_inside_units_across_pages(page_tokens, bs, simd):
+    """Window edges inside a 16-token unit (sink 5, local 7) and sequences crossing page boundaries."""
+    lens, hkv, group, d, sink, local = [2500, 1031], 2, 4, 64, 5, 7
+    store, seqs, q, k, v = build(2, hkv * group, hkv, lens, d, torch.bfloat16, page_tokens=page_tokens)
+    budgets = torch.tensor([[0.05, 0.2, 1.0, 0.01, 0.1, 0.3, 0.02, 0.5]]).repeat(2, 1)
+    block_sizes = torch.full((2, hkv), bs, dtype=torch.int32)
+    out, lse, _ = fluxion.retrieval_attention(q, **store.layer_args(0, seqs), budgets=budgets, block_sizes=block_sizes,
+                                              sink=sink, local=local)
+    ro, rl = R.retrieval_attention(q, k, v, torch.tensor(lens), budgets, block_sizes, sink, local, d ** -0.5)
+    torch.testing.assert_close(out, ro, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, rl, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("n", [1, 64, 320, 321, 1000, 4099])
 @pytest.mark.parametrize("bs", [16, 128])
 def test_all_blocks_plus_window_equals_dense(n, bs):

@@ -166,6 +166,39 @@ TEST_CASE("attention over selected blocks matches naive attention and the merge 
   core::cpu::set_active_isa(core::cpu::best_supported_isa());
 }
 
+TEST_CASE("attention over blocks with edges inside units and across a page boundary", "[kernels]") {
+  Fixture f(2500);  // 1024-token pages: blocks of 32 around token 1024 sit in two pages
+  const int G = Fixture::G, D = Fixture::D;
+  const auto q = random_q(G, D, 37);
+  const float scale = 1.f / std::sqrt(float(D));
+  core::cpu::QueryScratch qs;
+  const auto pq = qs.prepare(q.data(), G, D, scale);
+  std::vector<int32_t> blocks;
+  std::vector<uint64_t> masks;
+  for (int32_t j = 28; j < 36; ++j) {  // tokens [896, 1152)
+    blocks.push_back(j);
+    masks.push_back(0xF);
+  }
+  const int64_t lo = 901, hi = 1139;  // inside the first and the last unit
+  for (auto isa : isas()) {
+    core::cpu::set_active_isa(isa);
+    std::vector<float> st(static_cast<size_t>(G * D + 2 * G)), out(static_cast<size_t>(G * D)), lse(static_cast<size_t>(G));
+    core::cpu::OnlineSoftmax s{st.data(), st.data() + G, st.data() + 2 * G};
+    core::cpu::init_state(s, G, D);
+    core::cpu::attend_blocks(f.view, 0, 1, G, 32, pq, blocks.data(), masks.data(), int64_t(blocks.size()), lo, hi, s);
+    core::cpu::finalize_state(s, G, D, out.data(), lse.data());
+    for (int h = 0; h < G; ++h) {
+      std::vector<double> want;
+      double want_lse;
+      const std::vector<float> qh(q.begin() + h * D, q.begin() + (h + 1) * D);
+      test::naive_attention(qh, f.k.data() + f.N * D, f.v.data() + f.N * D, D, lo, hi, scale, want, want_lse);
+      REQUIRE(lse[size_t(h)] == Approx(want_lse).margin(1e-4));
+      for (int d = 0; d < D; ++d) REQUIRE(out[size_t(h * D + d)] == Approx(want[size_t(d)]).margin(1e-4));
+    }
+  }
+  core::cpu::set_active_isa(core::cpu::best_supported_isa());
+}
+
 TEST_CASE("merge of empty states gives zeros and -inf and never NaN", "[kernels]") {
   const float outs[4] = {1.f, 2.f, 3.f, 4.f};
   const float lses[2] = {-INFINITY, -INFINITY};

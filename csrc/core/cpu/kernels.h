@@ -36,10 +36,12 @@ struct KernelTable {
   // (equal to sum_d max(q*min, q*max)).
   void (*score_rows)(const uint16_t* meta, int64_t nrows, const PreparedQuery& q, int G, int D, DType dt,
                      float* scores, int64_t stride);
-  // Folds nrows contiguous K/V rows ([nrows, D] each) into the state of every head h with bit h of mask
-  // set, with scores scale * q.k.
-  void (*attend_rows)(const uint16_t* k, const uint16_t* v, int64_t nrows, const PreparedQuery& q, int G,
-                      uint64_t mask, int D, DType dt, const OnlineSoftmax& st);
+  // Folds rows [row_lo, row_hi) of K/V into the state of every head h with bit h of mask set, with scores
+  // scale * q.k. Rows come in chunks of 16 (PageLayout::kUnitTokens): row i is at k + (i / 16) * chunk_stride
+  // + (i % 16) * D, V alike. chunk_stride = 16 * D reads contiguous [N, D] arrays; 32 * D with v = k + 16 * D
+  // reads the store's interleaved K/V units.
+  void (*attend_rows)(const uint16_t* k, const uint16_t* v, int64_t row_lo, int64_t row_hi, int64_t chunk_stride,
+                      const PreparedQuery& q, int G, uint64_t mask, int D, DType dt, const OnlineSoftmax& st);
 };
 
 bool isa_supported(Isa isa);

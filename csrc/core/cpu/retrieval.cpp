@@ -33,18 +33,11 @@ void prefetch_rows(const uint16_t* p, int64_t elems) {
   for (int64_t off = 0; off < elems * 2; off += 64) __builtin_prefetch(c + off);
 }
 
-struct BlockRows {
-  const uint16_t* k;
-  const uint16_t* v;
-  int64_t rows;
-};
-
-BlockRows block_rows(const LayerView& view, int b, int kv_head, int64_t lo, int64_t hi) {
+// The run of a block: BS/16 consecutive units (K[16, D] then V[16, D] each), one contiguous 2*BS*D span.
+const uint16_t* block_run(const LayerView& view, int b, int kv_head, int64_t block, int block_size) {
   const auto* pages = static_cast<const uint16_t*>(view.pages);
-  const int64_t D = view.layout.head_dim;
-  const uint16_t* page = pages + view.page_offset(b, kv_head, lo);
-  const int64_t row = lo % view.layout.page_tokens;
-  return {page + view.layout.k_offset() + row * D, page + view.layout.v_offset() + row * D, hi - lo};
+  const int64_t t0 = block * block_size;
+  return pages + view.page_offset(b, kv_head, t0) + view.layout.block_offset(t0 % view.layout.page_tokens);
 }
 
 }  // namespace
@@ -169,27 +162,21 @@ void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_s
                    const OnlineSoftmax& st) {
   const KernelTable& kt = kernels();
   const int D = view.layout.head_dim;
-  auto rows_of = [&](int64_t i, BlockRows& r) {
-    const int64_t lo = std::max<int64_t>(int64_t(blocks[i]) * block_size, tok_begin);
-    const int64_t hi = std::min<int64_t>((int64_t(blocks[i]) + 1) * block_size, tok_end);
-    if (hi <= lo) return false;
-    r = block_rows(view, b, kv_head, lo, hi);
-    return true;
-  };
-  // Blocks are scattered 2 x BS x D runs: prefetch a few blocks ahead so several are in flight.
-  const int64_t kPrefetchAhead = prefetch_distance();
-  BlockRows r{};
-  for (int64_t i = 0; i < std::min(kPrefetchAhead, nblocks); ++i)
-    if (rows_of(i, r)) {
-      prefetch_rows(r.k, r.rows * D);
-      prefetch_rows(r.v, r.rows * D);
-    }
+  const int64_t run_elems = view.layout.block_elems(block_size);
+  const int64_t unit_stride = view.layout.unit_elems();
+  const int64_t v_in_unit = int64_t(PageLayout::kUnitTokens) * D;
+  // Every block is one contiguous run; they are scattered, so prefetch a few runs ahead to keep several
+  // in flight (the hardware prefetchers do not cross into the next block's 4 KiB pages on their own).
+  const int64_t ahead = prefetch_distance();
+  for (int64_t i = 0; i < std::min(ahead, nblocks); ++i)
+    prefetch_rows(block_run(view, b, kv_head, blocks[i], block_size), run_elems);
   for (int64_t i = 0; i < nblocks; ++i) {
-    if (i + kPrefetchAhead < nblocks && rows_of(i + kPrefetchAhead, r)) {
-      prefetch_rows(r.k, r.rows * D);
-      prefetch_rows(r.v, r.rows * D);
-    }
-    if (rows_of(i, r)) kt.attend_rows(r.k, r.v, r.rows, q, G, masks[i], D, view.dtype, st);
+    if (i + ahead < nblocks) prefetch_rows(block_run(view, b, kv_head, blocks[i + ahead], block_size), run_elems);
+    const int64_t t0 = int64_t(blocks[i]) * block_size;
+    const int64_t lo = std::max(t0, tok_begin) - t0, hi = std::min(t0 + block_size, tok_end) - t0;
+    if (hi <= lo) continue;
+    const uint16_t* run = block_run(view, b, kv_head, blocks[i], block_size);
+    kt.attend_rows(run, run + v_in_unit, lo, hi, unit_stride, q, G, masks[i], D, view.dtype, st);
   }
 }
 
