@@ -108,10 +108,33 @@ TEST_CASE("top-k selects the largest with ties to the lower index in ascending o
   REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 100, out.data(), scratch) == 6);  // no -inf, no NaN
   REQUIRE(std::vector<int32_t>(out.begin(), out.begin() + 6) == std::vector<int32_t>({0, 1, 2, 4, 5, 6}));
   REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 0, out.data(), scratch) == 0);
+  // A strided sample that overrates the threshold (large scores exactly on the sampled positions) must
+  // fall back to taking every selectable score as a candidate, with the same result.
+  {
+    const int64_t n = 8192, k = 600;
+    std::vector<float> x(static_cast<size_t>(n));
+    std::mt19937 r(3);
+    for (int64_t i = 0; i < n; ++i) x[size_t(i)] = i % 16 == 0 ? 100.f + float(i) : float(r() % 1000) / 100.f;
+    std::vector<int32_t> got(static_cast<size_t>(k));
+    REQUIRE(core::cpu::select_topk(x.data(), n, k, got.data(), scratch) == k);
+    std::vector<int32_t> idx(static_cast<size_t>(n));
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[size_t(a)] > x[size_t(b)]; });
+    std::vector<int32_t> want(idx.begin(), idx.begin() + k);
+    std::sort(want.begin(), want.end());
+    REQUIRE(got == want);
+  }
+  // -0 ties +0: the lower index wins.
+  {
+    std::vector<float> z = {-0.f, 0.f, -1.f};
+    std::vector<int32_t> got(1);
+    REQUIRE(core::cpu::select_topk(z.data(), 3, 1, got.data(), scratch) == 1);
+    REQUIRE(got[0] == 0);
+  }
   // Random rows against a sort-based selection.
   std::mt19937 rng(5);
   for (int trial = 0; trial < 50; ++trial) {
-    const int64_t n = 1 + rng() % 3000;
+    const int64_t n = 1 + rng() % (trial < 40 ? 3000 : 20000);
     std::vector<float> x(static_cast<size_t>(n));
     for (auto& e : x) e = float(int(rng() % 200)) / 10.f;  // many ties
     const int64_t k = rng() % (n + 1);
