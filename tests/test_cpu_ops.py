@@ -256,3 +256,18 @@ def test_error_vs_same_dtype_torch_attention():
     ours = (out[0] - ref[0]).abs().max()
     theirs = (torch_bf16 - ref[0]).abs().max()
     assert ours <= 2 * theirs + 1e-6, (ours, theirs)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_stream_read_checksum(threads, simd):
+    """The streaming-read probe of the benchmarks reads every byte once: its checksum is the int64 sum mod 2^64."""
+    g = torch.Generator().manual_seed(7)
+    buf = torch.randint(-2**62, 2**62, (3 * 2**16 + 8,), generator=g, dtype=torch.int64)  # not a multiple of 256 B
+    want = int(buf.sum()) % 2**64  # int64 sums wrap like the probe's uint64 lanes
+    n = torch.get_num_threads()
+    assert fluxion._C.stream_read(buf, threads) == want
+    assert torch.get_num_threads() == n  # the thread count is restored
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        fluxion._C.stream_read(buf.view(-1, 8)[:, :4], threads)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fluxion._C.stream_read(b"x" * 64, threads)
