@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     # Ceilings of the attention step, measured in this run: host streaming read on the threads fluxion.enable
     # gives the CPU kernels, and page-locked host -> device copies (PCIe).
     threads = fluxion.FluxionConfig().resolved_cpu_threads() if a.device.startswith("cuda") else torch.get_num_threads()
-    host_bw = host_read_bandwidth(threads, gib=1.0 if a.tiny else 2.0, min_run_time=0.3)
+    host_bw = host_read_bandwidth(threads, gib=1.0 if a.tiny else 2.0, min_run_time=0.3)["ceiling"]
     pcie_bw = h2d_bandwidth() if a.device.startswith("cuda") else 0.0
     print(f"ceilings: host read {host_bw:.1f} GB/s ({threads} threads), page-locked H2D {pcie_bw:.1f} GB/s")
     env.update(host_read_gbps=host_bw, h2d_gbps=pcie_bw, cpu_threads=threads)

@@ -198,7 +198,7 @@ def bench_staging(a, ceiling, rows, flush, stores):
     pages, ft, sl = layer_args(store, 0, seqs[:1], "cuda")
     ft_host = store.frame_table(0, seqs[:1])
     rows_per_page = store.page_elems // d
-    flat = pages.view(-1, d)  # every page row of D elements: K rows, then V rows, then metadata rows
+    flat = pages.view(-1, d)  # every page row of D elements: 16-token units (K rows, then V rows), then metadata
     q = torch.randn(1, hq, d).to(torch.bfloat16).cuda()
     torch.set_num_threads(a.cpu_threads)
     print(f"\n## staging vs zero-copy at {ctx} tokens, budget {budget} (B=1; selection already on the host; "
@@ -224,9 +224,10 @@ def bench_staging(a, ceiling, rows, flush, stores):
         lo_r, hi_r = min(sink, ctx), max(ctx - local, min(sink, ctx))
         for g, u in enumerate(unions):
             t0 = (u[:, None] * bs + tok[None, :]).flatten()  # token ids of the union's blocks
-            page_row = (ft_host[0, t0 // P].long() * hkv + g) * rows_per_page + t0 % P
+            tp = t0 % P  # K row of token t in its page: unit t // 16 holds K[16] then V[16] (csrc/core/layout.h)
+            page_row = (ft_host[0, t0 // P].long() * hkv + g) * rows_per_page + (tp // 16) * 32 + tp % 16
             idx[g, 0, : t0.numel()] = page_row
-            idx[g, 1, : t0.numel()] = page_row + P
+            idx[g, 1, : t0.numel()] = page_row + 16
             inside = (t0 >= lo_r) & (t0 < hi_r)
             for h in range(G):
                 chosen = torch.isin(u, sel_h[g * G + h])

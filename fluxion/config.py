@@ -116,7 +116,8 @@ class FluxionConfig:
                     kernels, CPU otherwise), 'cpu' (CPU only) or 'gpu' (GPU only; needs the CUDA kernels).
     host_byte_cap:  bound on the host store's committed bytes (None = physical memory); exceeding it raises
                     :class:`fluxion.CapacityError` and stores nothing.
-    page_tokens:    tokens per host page (a positive multiple of 128).
+    page_tokens:    tokens per host page (a positive multiple of 128; 1024 by default, which makes the block-16
+                    key metadata of a page one 32 KiB run for the CPU's metadata scan).
     kv_dtype:       dtype of the host store and the dense window (bf16 / fp16). None = the model's dtype when
                     it is bf16/fp16, else float16 (the kernels read 16-bit K/V; fp16 keeps 3 more mantissa
                     bits than bf16 for fp32 models, and an overflow is reported at prefill).
@@ -144,7 +145,7 @@ class FluxionConfig:
     gpu_share: float = 0.5
     device_policy: str = "auto"
     host_byte_cap: int | None = None
-    page_tokens: int = 256
+    page_tokens: int = 1024
     kv_dtype: torch.dtype | None = None
     prefill_chunk: int = 2048
     decode_backend: str = "cpp"

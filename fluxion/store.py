@@ -32,7 +32,7 @@ class HostKVStore:
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
-                 page_tokens: int = 256, byte_cap: int | None = None, pin: bool | None = None):
+                 page_tokens: int = 1024, byte_cap: int | None = None, pin: bool | None = None):
         import fluxion  # noqa: F401  (loads the op library)
 
         if dtype not in _DTYPES:

@@ -129,6 +129,21 @@ def test_retrieval_attention_matches_reference(dtype, d, group, simd):
         assert int(nbytes[b, kvh]) == want, (gid, int(nbytes[b, kvh]), want)
 
 
+@pytest.mark.parametrize("page_tokens", [1024, 128])
+@pytest.mark.parametrize("bs", [16, 32, 64, 128])
+def test_retrieval_window_edges_inside_units_across_pages(page_tokens, bs, simd):
+    """Window edges inside a 16-token unit (sink 5, local 7) and sequences crossing page boundaries."""
+    lens, hkv, group, d, sink, local = [2500, 1031], 2, 4, 64, 5, 7
+    store, seqs, q, k, v = build(2, hkv * group, hkv, lens, d, torch.bfloat16, page_tokens=page_tokens)
+    budgets = torch.tensor([[0.05, 0.2, 1.0, 0.01, 0.1, 0.3, 0.02, 0.5]]).repeat(2, 1)
+    block_sizes = torch.full((2, hkv), bs, dtype=torch.int32)
+    out, lse, _ = fluxion.retrieval_attention(q, **store.layer_args(0, seqs), budgets=budgets, block_sizes=block_sizes,
+                                              sink=sink, local=local)
+    ro, rl = R.retrieval_attention(q, k, v, torch.tensor(lens), budgets, block_sizes, sink, local, d ** -0.5)
+    torch.testing.assert_close(out, ro, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, rl, atol=ATOL, rtol=RTOL)
+
+
 @pytest.mark.parametrize("n", [1, 64, 320, 321, 1000, 4099])
 @pytest.mark.parametrize("bs", [16, 128])
 def test_all_blocks_plus_window_equals_dense(n, bs):
@@ -241,3 +256,18 @@ def test_error_vs_same_dtype_torch_attention():
     ours = (out[0] - ref[0]).abs().max()
     theirs = (torch_bf16 - ref[0]).abs().max()
     assert ours <= 2 * theirs + 1e-6, (ours, theirs)
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_stream_read_checksum(threads, simd):
+    """The streaming-read probe of the benchmarks reads every byte once: its checksum is the int64 sum mod 2^64."""
+    g = torch.Generator().manual_seed(7)
+    buf = torch.randint(-2**62, 2**62, (3 * 2**16 + 8,), generator=g, dtype=torch.int64)  # not a multiple of 256 B
+    want = int(buf.sum()) % 2**64  # int64 sums wrap like the probe's uint64 lanes
+    n = torch.get_num_threads()
+    assert fluxion._C.stream_read(buf, threads) == want
+    assert torch.get_num_threads() == n  # the thread count is restored
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        fluxion._C.stream_read(buf.view(-1, 8)[:, :4], threads)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        fluxion._C.stream_read(b"x" * 64, threads)

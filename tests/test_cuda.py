@@ -362,7 +362,7 @@ def test_retrieval_attention(dtype, D, G):
 def test_retrieval_long_context_matches_cpu(G):
     if not _cpu_twin("retrieval_attention"):
         pytest.skip("CPU kernels not built")
-    case = Case([20000, 7777], hkv=2, G=G, D=128, grid=True, page_tokens=256, seed=G)
+    case = Case([20000, 7777], hkv=2, G=G, D=128, grid=True, page_tokens=1024, seed=G)  # the default page size
     budgets = torch.full((case.B, case.hq), 0.05)
     budgets[:, 0] = 0.0  # a streaming head
     pages, ft, sl = case.paged("cuda")

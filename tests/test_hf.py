@@ -363,7 +363,7 @@ class _Recorder:
 
 def test_byte_cap_exceeded_mid_generation_then_cache_still_usable():
     m = tiny_model("llama")
-    cfg = FluxionConfig(mode="full")
+    cfg = FluxionConfig(mode="full", page_tokens=256)  # small pages keep the prompts short
     with fluxion.enabled(m, cfg):
         fb = _frame_bytes(m)
     # 2 layers x 2 pages of 256 tokens fit; position 513 needs a third page per layer.

@@ -30,6 +30,48 @@ def test_round_trip_and_incremental_metadata(dtype, d, chunks):
                 assert torch.equal(meta[h, :, 1].float(), mx), (bs, h)
 
 
+@pytest.mark.parametrize("page_tokens", [1024, 256])
+@pytest.mark.parametrize("n, chunks", [(2500, (1, 15, 17, 1000, 1, 700)), (1025, (None,)), (3071, (1023, 1, 1, 33))])
+def test_round_trip_across_pages(page_tokens, n, chunks):
+    """K/V read back equal what was appended for odd lengths and odd chunks crossing page boundaries."""
+    k, v, _ = make_kv(1, 2, n, 64, torch.bfloat16)
+    store = fluxion.HostKVStore(1, 2, 64, torch.bfloat16, page_tokens=page_tokens)
+    s = fill_store(store, 0, k, v, chunks)[0]
+    kk, vv = store.gather(0, s)
+    assert torch.equal(kk, k[0]) and torch.equal(vv, v[0])
+    assert store.frame_table(0, [s]).shape[1] == -(-n // page_tokens)
+    for bs in (16, 128):
+        meta = store.block_metadata(0, s, bs)
+        mn, mx = R.block_minmax(k[0, 1], bs)
+        assert torch.equal(meta[1, :, 0].float(), mn) and torch.equal(meta[1, :, 1].float(), mx)
+
+
+def test_page_layout_block_is_one_contiguous_run():
+    """Pins csrc/core/layout.h: a page is P/16 units K[16, D] | V[16, D], then the min/max tables at 16, 32,
+    64, 128; a BS-aligned block of BS tokens is one contiguous run of 2*BS*D elements. Default P = 1024."""
+    d, hkv, n = 64, 2, 2100
+    store = fluxion.HostKVStore(1, hkv, d, torch.bfloat16)
+    P = store.page_tokens
+    assert P == 1024
+    assert store.page_elems == 2 * P * d + sum(P // g for g in (16, 32, 64, 128)) * 2 * d
+    k, v, _ = make_kv(1, hkv, n, d, torch.bfloat16)
+    s = fill_store(store, 0, k, v, (700, 1000))[0]
+    pages, ft = store.pages(), store.frame_table(0, [s])[0].tolist()
+    for h in range(hkv):
+        for bs in (16, 32, 64, 128):
+            for t0 in range(0, n // bs * bs, bs):
+                page = pages[ft[t0 // P], h]
+                off = (t0 % P) * 2 * d  # block_offset: t0 / 16 units of 32 * D elements
+                run = page[off:off + 2 * bs * d].view(bs // 16, 2, 16, d)
+                assert torch.equal(run[:, 0].reshape(bs, d), k[0, h, t0:t0 + bs]), (h, bs, t0)
+                assert torch.equal(run[:, 1].reshape(bs, d), v[0, h, t0:t0 + bs]), (h, bs, t0)
+        meta = store.block_metadata(0, s, 16)[h]
+        for f in range(len(ft)):
+            table = pages[ft[f], h, 2 * P * d:2 * P * d + (P // 16) * 2 * d].view(P // 16, 2, d)
+            rows = meta[f * (P // 16):(f + 1) * (P // 16)]
+            assert torch.equal(table[:rows.shape[0]], rows)
+
+
 def test_decode_appends_one_token_at_a_time_match_prefill():
     k, v, _ = make_kv(1, 2, 300, 64, torch.bfloat16)
     a = fluxion.HostKVStore(1, 2, 64, torch.bfloat16)
@@ -88,8 +130,8 @@ def test_growth_keeps_earlier_pages_and_views_valid():
 
 def test_byte_cap_fails_before_storing_anything():
     d, hkv = 64, 2
-    frame_bytes = hkv * fluxion.HostKVStore(1, hkv, d).page_elems * 2
-    store = fluxion.HostKVStore(1, hkv, d, torch.bfloat16, byte_cap=5 * frame_bytes + 8192)
+    frame_bytes = hkv * fluxion.HostKVStore(1, hkv, d, page_tokens=256).page_elems * 2
+    store = fluxion.HostKVStore(1, hkv, d, torch.bfloat16, page_tokens=256, byte_cap=5 * frame_bytes + 8192)
     k, v, _ = make_kv(2, hkv, 800, d, torch.bfloat16)
     seqs = [store.add_sequence() for _ in range(2)]
     store.append(0, seqs, k[:, :, :300], v[:, :, :300])  # 2 sequences x 2 frames: fits in 5

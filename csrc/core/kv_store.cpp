@@ -227,22 +227,21 @@ void HostKVStore::write_tokens(int layer, Sequence& s, const TokenSource& src, c
       const auto* vs = static_cast<const uint16_t*>(src.v) + h * src.head_stride;
       for (int64_t t = a; t < b; ++t) {
         const int64_t row = t - span * P;
-        std::memcpy(page + layout_.k_offset() + row * D, ks + (t - n0) * src.token_stride, size_t(D) * 2);
-        std::memcpy(page + layout_.v_offset() + row * D, vs + (t - n0) * src.token_stride, size_t(D) * 2);
+        std::memcpy(page + layout_.k_offset(row), ks + (t - n0) * src.token_stride, size_t(D) * 2);
+        std::memcpy(page + layout_.v_offset(row), vs + (t - n0) * src.token_stride, size_t(D) * 2);
       }
       // Finest level from the keys; a block that already held tokens folds the new ones into its min/max.
-      const uint16_t* kpage = page + layout_.k_offset();
       uint16_t* meta0 = page + layout_.meta_offset(0);
       for (int64_t j = a / 16; j <= (b - 1) / 16; ++j) {
         const int64_t lo = std::max(a, j * 16), hi = std::min(b, (j + 1) * 16);
         uint16_t* row = meta0 + ((j * 16 - span * P) / 16) * 2 * D;
         const bool existed = j * 16 < n0;
         for (int d = 0; d < D; ++d) {
-          mn[d] = existed ? to_float(row[d], dt) : to_float(kpage[(lo - span * P) * D + d], dt);
+          mn[d] = existed ? to_float(row[d], dt) : to_float(page[layout_.k_offset(lo - span * P) + d], dt);
           mx[d] = existed ? to_float(row[D + d], dt) : mn[d];
         }
         for (int64_t t = lo; t < hi; ++t) {
-          const uint16_t* kr = kpage + (t - span * P) * D;
+          const uint16_t* kr = page + layout_.k_offset(t - span * P);
           for (int d = 0; d < D; ++d) {
             const float x = to_float(kr[d], dt);
             mn[d] = x < mn[d] ? x : mn[d];

@@ -39,7 +39,7 @@ struct StoreConfig {
   int num_layers = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
-  int page_tokens = 256;
+  int page_tokens = 1024;  // a multiple of 128; 1024 makes the block-16 metadata of a page one 32 KiB run
   DType dtype = DType::kBFloat16;
   int64_t byte_cap = 0;  // 0: no cap (the reservation is sized from physical memory)
 };

@@ -5,13 +5,18 @@
 // consecutive token positions for all Hkv KV heads and is laid out as Hkv *pages*, one per KV head:
 //
 //   page (elements of the KV dtype, bf16 or fp16):
-//     K     [P, D]                       token-major: a block of BS <= 128 tokens is one contiguous run
-//     V     [P, D]
+//     units u = 0 .. P/16-1:             K[16, D] then V[16, D]  (tokens 16u .. 16u+15; 8 KiB at D=128)
 //     meta  for g in {16, 32, 64, 128}:  [P/g, 2, D]  row 2j = key min, row 2j+1 = key max of block j
 //
+// K and V are interleaved per 16-token unit so that a BS-aligned block of BS in {16, 32, 64, 128} tokens
+// is ONE contiguous run of 2*BS*D elements (BS/16 consecutive units): random reads of whole blocks are
+// what the retrieval task does, and on host memory a random 8 KiB run streams markedly better than two
+// separate 4 KiB K and V runs (see BENCHMARKS.md). Within a unit, K rows and V rows are each contiguous
+// [16, D], the tile the CPU and CUDA attention kernels consume.
 // Key min/max are elementwise over the block's keys, so they are exact values of the KV dtype (no
 // rounding). A partially filled block's min/max cover the tokens appended so far.
-// P is a multiple of 128, so every block at every granularity lies inside one page.
+// P is a multiple of 128, so every block at every granularity lies inside one page. The default P is 1024:
+// the block-16 min/max table of a page is then one 32 KiB run for the metadata scan.
 #pragma once
 #include <cstdint>
 
@@ -42,12 +47,24 @@ FLUXION_HD int granularity_level(int block_size) {
 
 // Geometry of one page; every offset is in elements of the KV dtype from the start of the page.
 struct PageLayout {
+  static constexpr int kUnitTokens = 16;  // tokens per K/V unit: the finest block size
+
   int32_t page_tokens = 0;  // P
   int32_t head_dim = 0;     // D
   int32_t num_kv_heads = 0; // Hkv: pages per frame
 
-  FLUXION_HD int64_t k_offset() const { return 0; }
-  FLUXION_HD int64_t v_offset() const { return int64_t(page_tokens) * head_dim; }
+  // Elements of one unit: K[16, D] then V[16, D].
+  FLUXION_HD int64_t unit_elems() const { return int64_t(2 * kUnitTokens) * head_dim; }
+  // K row / V row of token `t` of the page (0 <= t < P). Rows of one unit are contiguous: the K rows of
+  // tokens 16u .. 16u+15 are k_offset(16u) + i*D, their V rows v_offset(16u) + i*D.
+  FLUXION_HD int64_t k_offset(int64_t t) const {
+    return (t / kUnitTokens) * unit_elems() + (t % kUnitTokens) * head_dim;
+  }
+  FLUXION_HD int64_t v_offset(int64_t t) const { return k_offset(t) + int64_t(kUnitTokens) * head_dim; }
+  // Start of the block that begins at token `t0` of the page (t0 a multiple of 16): BS/16 consecutive units,
+  // one contiguous run of block_elems(BS) elements.
+  FLUXION_HD int64_t block_offset(int64_t t0) const { return (t0 / kUnitTokens) * unit_elems(); }
+  FLUXION_HD int64_t block_elems(int block_size) const { return int64_t(2) * block_size * head_dim; }
   // Offset of the [P/g, 2, D] min/max table of granularity level `level`.
   FLUXION_HD int64_t meta_offset(int level) const {
     int64_t off = 2 * int64_t(page_tokens) * head_dim;
@@ -57,6 +74,8 @@ struct PageLayout {
   FLUXION_HD int64_t page_elems() const { return meta_offset(kNumGranularities); }
   FLUXION_HD int64_t frame_elems() const { return page_elems() * num_kv_heads; }
 };
+static_assert(PageLayout::kUnitTokens == 16 && kMaxGranularity % PageLayout::kUnitTokens == 0,
+              "every block size is a whole number of units");
 
 // Elements per page for given geometry (P*D*143/64: K + V + the four min/max tables).
 FLUXION_HD int64_t page_elems_for(int page_tokens, int head_dim) {

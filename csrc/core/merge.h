@@ -18,16 +18,17 @@ FLUXION_HD void merge_states_one(const float* outs, const float* lses, int S, lo
     *lse = -INFINITY;
     return;
   }
+  // One expf per part (not per element): the CPU task merges dozens of parts per head.
   float total = 0.f;
-  for (int s = 0; s < S; ++s) total += expf(lses[s * lse_stride] - m);
-  for (int d = 0; d < D; ++d) {
-    float acc = 0.f;
-    for (int s = 0; s < S; ++s) {
-      const float l = lses[s * lse_stride];
-      if (l != -INFINITY) acc += expf(l - m) * outs[s * out_stride + d];
-    }
-    out[d] = acc / total;
+  for (int d = 0; d < D; ++d) out[d] = 0.f;
+  for (int s = 0; s < S; ++s) {
+    const float l = lses[s * lse_stride];
+    if (l == -INFINITY) continue;
+    const float w = expf(l - m);
+    total += w;
+    for (int d = 0; d < D; ++d) out[d] += w * outs[s * out_stride + d];
   }
+  for (int d = 0; d < D; ++d) out[d] /= total;
   *lse = m + logf(total);
 }
 

@@ -306,8 +306,9 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q, con
       const uint64_t all = G == 64 ? ~uint64_t(0) : (uint64_t(1) << G) - 1;
       const int64_t n_sink = std::min(n, sink);
       const int64_t n_ring = std::min(std::max<int64_t>(n - sink, 0), local);
-      if (n_sink > 0) kt.attend_rows(kb, vb, n_sink, pq, int(G), all, int(D), dt, st);
-      if (n_ring > 0) kt.attend_rows(kb + sink * D, vb + sink * D, n_ring, pq, int(G), all, int(D), dt, st);
+      const int64_t rows16 = core::PageLayout::kUnitTokens * D;  // contiguous [W, D] rows
+      if (n_sink > 0) kt.attend_rows(kb, vb, 0, n_sink, rows16, pq, int(G), all, int(D), dt, st, {});
+      if (n_ring > 0) kt.attend_rows(kb + sink * D, vb + sink * D, 0, n_ring, rows16, pq, int(G), all, int(D), dt, st, {});
       core::cpu::finalize_state(st, int(G), int(D), out.data_ptr<float>() + (b * Hq + kvh * G) * D,
                                 lse.data_ptr<float>() + b * Hq + kvh * G);
     }

@@ -185,12 +185,16 @@ std::tuple<at::Tensor, at::Tensor> StoreHolder::gather(int64_t layer, int64_t se
                 P = layout.page_tokens;
   at::Tensor k = at::empty({H, n, D}, scalar_type()), v = at::empty({H, n, D}, scalar_type());
   const auto& fr = store->frames(int(layer), int(seq));
+  // K and V are interleaved per 16-token unit in a page (layout.h): copy unit by unit into logical [N, D].
+  constexpr int64_t U = core::PageLayout::kUnitTokens;
   for (int64_t h = 0; h < H; ++h)
-    for (int64_t t0 = 0; t0 < n; t0 += P) {
-      const int64_t rows = std::min(P, n - t0);
+    for (int64_t t0 = 0; t0 < n; t0 += U) {
+      const int64_t rows = std::min(U, n - t0);
       const uint16_t* page = store->page(fr[size_t(t0 / P)], int(h));
-      std::memcpy(static_cast<uint16_t*>(k.data_ptr()) + (h * n + t0) * D, page + layout.k_offset(), size_t(rows * D) * 2);
-      std::memcpy(static_cast<uint16_t*>(v.data_ptr()) + (h * n + t0) * D, page + layout.v_offset(), size_t(rows * D) * 2);
+      std::memcpy(static_cast<uint16_t*>(k.data_ptr()) + (h * n + t0) * D, page + layout.k_offset(t0 % P),
+                  size_t(rows * D) * 2);
+      std::memcpy(static_cast<uint16_t*>(v.data_ptr()) + (h * n + t0) * D, page + layout.v_offset(t0 % P),
+                  size_t(rows * D) * 2);
     }
   return {k, v};
 }

@@ -108,10 +108,33 @@ TEST_CASE("top-k selects the largest with ties to the lower index in ascending o
   REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 100, out.data(), scratch) == 6);  // no -inf, no NaN
   REQUIRE(std::vector<int32_t>(out.begin(), out.begin() + 6) == std::vector<int32_t>({0, 1, 2, 4, 5, 6}));
   REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 0, out.data(), scratch) == 0);
+  // A strided sample that overrates the threshold (large scores exactly on the sampled positions) must
+  // fall back to taking every selectable score as a candidate, with the same result.
+  {
+    const int64_t n = 8192, k = 600;
+    std::vector<float> x(static_cast<size_t>(n));
+    std::mt19937 r(3);
+    for (int64_t i = 0; i < n; ++i) x[size_t(i)] = i % 16 == 0 ? 100.f + float(i) : float(r() % 1000) / 100.f;
+    std::vector<int32_t> got(static_cast<size_t>(k));
+    REQUIRE(core::cpu::select_topk(x.data(), n, k, got.data(), scratch) == k);
+    std::vector<int32_t> idx(static_cast<size_t>(n));
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[size_t(a)] > x[size_t(b)]; });
+    std::vector<int32_t> want(idx.begin(), idx.begin() + k);
+    std::sort(want.begin(), want.end());
+    REQUIRE(got == want);
+  }
+  // -0 ties +0: the lower index wins.
+  {
+    std::vector<float> z = {-0.f, 0.f, -1.f};
+    std::vector<int32_t> got(1);
+    REQUIRE(core::cpu::select_topk(z.data(), 3, 1, got.data(), scratch) == 1);
+    REQUIRE(got[0] == 0);
+  }
   // Random rows against a sort-based selection.
   std::mt19937 rng(5);
   for (int trial = 0; trial < 50; ++trial) {
-    const int64_t n = 1 + rng() % 3000;
+    const int64_t n = 1 + rng() % (trial < 40 ? 3000 : 20000);
     std::vector<float> x(static_cast<size_t>(n));
     for (auto& e : x) e = float(int(rng() % 200)) / 10.f;  // many ties
     const int64_t k = rng() % (n + 1);
@@ -161,6 +184,39 @@ TEST_CASE("attention over selected blocks matches naive attention and the merge 
       test::naive_attention(qh, f.k.data(), f.v.data(), D, h == 2 ? 160 : 0, 656, scale, want, want_lse);
       REQUIRE(lse == Approx(want_lse).margin(1e-4));
       for (int d = 0; d < D; ++d) REQUIRE(out[d] == Approx(want[size_t(d)]).margin(1e-4));
+    }
+  }
+  core::cpu::set_active_isa(core::cpu::best_supported_isa());
+}
+
+TEST_CASE("attention over blocks with edges inside units and across a page boundary", "[kernels]") {
+  Fixture f(2500);  // 1024-token pages: blocks of 32 around token 1024 sit in two pages
+  const int G = Fixture::G, D = Fixture::D;
+  const auto q = random_q(G, D, 37);
+  const float scale = 1.f / std::sqrt(float(D));
+  core::cpu::QueryScratch qs;
+  const auto pq = qs.prepare(q.data(), G, D, scale);
+  std::vector<int32_t> blocks;
+  std::vector<uint64_t> masks;
+  for (int32_t j = 28; j < 36; ++j) {  // tokens [896, 1152)
+    blocks.push_back(j);
+    masks.push_back(0xF);
+  }
+  const int64_t lo = 901, hi = 1139;  // inside the first and the last unit
+  for (auto isa : isas()) {
+    core::cpu::set_active_isa(isa);
+    std::vector<float> st(static_cast<size_t>(G * D + 2 * G)), out(static_cast<size_t>(G * D)), lse(static_cast<size_t>(G));
+    core::cpu::OnlineSoftmax s{st.data(), st.data() + G, st.data() + 2 * G};
+    core::cpu::init_state(s, G, D);
+    core::cpu::attend_blocks(f.view, 0, 1, G, 32, pq, blocks.data(), masks.data(), int64_t(blocks.size()), lo, hi, s);
+    core::cpu::finalize_state(s, G, D, out.data(), lse.data());
+    for (int h = 0; h < G; ++h) {
+      std::vector<double> want;
+      double want_lse;
+      const std::vector<float> qh(q.begin() + h * D, q.begin() + (h + 1) * D);
+      test::naive_attention(qh, f.k.data() + f.N * D, f.v.data() + f.N * D, D, lo, hi, scale, want, want_lse);
+      REQUIRE(lse[size_t(h)] == Approx(want_lse).margin(1e-4));
+      for (int d = 0; d < D; ++d) REQUIRE(out[size_t(h * D + d)] == Approx(want[size_t(d)]).margin(1e-4));
     }
   }
   core::cpu::set_active_isa(core::cpu::best_supported_isa());

@@ -54,8 +54,8 @@ TEST_CASE("tokens land block-contiguous and metadata matches a from-scratch min/
   for (int h = 0; h < H; ++h) {
     for (int64_t tok = 0; tok < N; ++tok) {
       const uint16_t* page = s.page(frames[size_t(tok / 256)], h);
-      REQUIRE(std::memcmp(page + layout.k_offset() + (tok % 256) * D, &k[size_t((h * N + tok) * D)], D * 2) == 0);
-      REQUIRE(std::memcmp(page + layout.v_offset() + (tok % 256) * D, &v[size_t((h * N + tok) * D)], D * 2) == 0);
+      REQUIRE(std::memcmp(page + layout.k_offset(tok % 256), &k[size_t((h * N + tok) * D)], D * 2) == 0);
+      REQUIRE(std::memcmp(page + layout.v_offset(tok % 256), &v[size_t((h * N + tok) * D)], D * 2) == 0);
     }
     for (int level = 0; level < core::kNumGranularities; ++level) {
       const int g = core::kGranularities[level];
@@ -73,6 +73,34 @@ TEST_CASE("tokens land block-contiguous and metadata matches a from-scratch min/
       }
     }
   }
+}
+
+TEST_CASE("page layout: 16-token K/V units, a block is one contiguous run, tables after the units", "[store]") {
+  const int D = 128;
+  core::PageLayout l{1024, D, 8};
+  REQUIRE(l.unit_elems() == 2 * 16 * D);
+  REQUIRE(l.meta_offset(0) == (1024 / 16) * l.unit_elems());  // the tables start right after the last unit
+  REQUIRE(l.page_elems() == int64_t(1024) * D * 143 / 64);
+  for (int64_t t = 0; t < 1024; ++t) {
+    REQUIRE(l.k_offset(t) == (t / 16) * 32 * D + (t % 16) * D);
+    REQUIRE(l.v_offset(t) == l.k_offset(t) + 16 * D);
+  }
+  for (int bs : core::kGranularities) {
+    for (int64_t t0 = 0; t0 < 1024; t0 += bs) {
+      // Every K and V row of the block's tokens lies in [block_offset, block_offset + block_elems), and the
+      // next block starts where this one ends: one contiguous run, nothing else inside it.
+      const int64_t lo = l.block_offset(t0), hi = lo + l.block_elems(bs);
+      REQUIRE(hi - lo == 2 * bs * D);
+      REQUIRE(l.block_offset(t0) == l.k_offset(t0));
+      if (t0 + bs < 1024) REQUIRE(l.block_offset(t0 + bs) == hi);
+      for (int64_t t = t0; t < t0 + bs; ++t) {
+        REQUIRE((l.k_offset(t) >= lo && l.k_offset(t) + D <= hi));
+        REQUIRE((l.v_offset(t) >= lo && l.v_offset(t) + D <= hi));
+      }
+    }
+  }
+  core::StoreConfig c;
+  REQUIRE(c.page_tokens == 1024);  // the default: the block-16 table of a page is one 32 KiB run at D=128
 }
 
 TEST_CASE("accounting and frame reuse", "[store]") {

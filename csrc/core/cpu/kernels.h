@@ -29,17 +29,32 @@ struct PreparedQuery {
   float scale = 1.f;
 };
 
+// A region a kernel prefetches into L2 while it works, spread evenly over its rows: the caller names the
+// data it will read next (the next selected block, the next page's metadata). Scattered runs are read
+// faster this way than by a burst of prefetches before each run (a burst fills the core's miss buffers
+// and stalls it) or by the hardware prefetchers alone (they do not cross into the next run's pages).
+struct Prefetch {
+  const void* ptr = nullptr;
+  int64_t bytes = 0;
+};
+
 struct KernelTable {
   Isa isa;
   // Quest bound of each row r of a [nrows, 2, D] min/max table for G heads:
   // scores[h * stride + r] = sum_d q_pos[h,d] * max[r,d] + q_neg[h,d] * min[r,d]
   // (equal to sum_d max(q*min, q*max)).
   void (*score_rows)(const uint16_t* meta, int64_t nrows, const PreparedQuery& q, int G, int D, DType dt,
-                     float* scores, int64_t stride);
-  // Folds nrows contiguous K/V rows ([nrows, D] each) into the state of every head h with bit h of mask
-  // set, with scores scale * q.k.
-  void (*attend_rows)(const uint16_t* k, const uint16_t* v, int64_t nrows, const PreparedQuery& q, int G,
-                      uint64_t mask, int D, DType dt, const OnlineSoftmax& st);
+                     float* scores, int64_t stride, Prefetch next);
+  // Folds rows [row_lo, row_hi) of K/V into the state of every head h with bit h of mask set, with scores
+  // scale * q.k. Rows come in chunks of 16 (PageLayout::kUnitTokens): row i is at k + (i / 16) * chunk_stride
+  // + (i % 16) * D, V alike. chunk_stride = 16 * D reads contiguous [N, D] arrays; 32 * D with v = k + 16 * D
+  // reads the store's interleaved K/V units.
+  void (*attend_rows)(const uint16_t* k, const uint16_t* v, int64_t row_lo, int64_t row_hi, int64_t chunk_stride,
+                      const PreparedQuery& q, int G, uint64_t mask, int D, DType dt, const OnlineSoftmax& st,
+                      Prefetch next);
+  // Sum of the 64-bit words of [p, p + bytes) (bytes a multiple of 8): a plain streaming read with the
+  // widest loads, for measuring the host read-bandwidth ceiling the kernels are compared against.
+  uint64_t (*stream_sum)(const void* p, int64_t bytes);
 };
 
 bool isa_supported(Isa isa);

@@ -15,6 +15,8 @@ namespace {
 struct Ops {
   using V = __m256;
   static constexpr bool kBf16Dot = false;
+  static constexpr bool kReduce16 = false;
+  static void reduce16(const V*, float*) {}  // unused: kReduce16 is false
   static V dot_bf16(const uint16_t*, const uint16_t*, V acc) { return acc; }  // unused: kBf16Dot is false
   static constexpr int W = 8;
   static V zero() { return _mm256_setzero_ps(); }
@@ -59,9 +61,31 @@ struct Ops {
 
 #include "core/cpu/kernels_impl.inc"
 
+// Four independent accumulators of 32-byte loads (see the AVX-512 twin).
+uint64_t stream_sum(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 128 <= bytes; i += 128) {
+    a0 = _mm256_add_epi64(a0, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i)));
+    a1 = _mm256_add_epi64(a1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i + 32)));
+    a2 = _mm256_add_epi64(a2, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i + 64)));
+    a3 = _mm256_add_epi64(a3, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + i + 96)));
+  }
+  alignas(32) uint64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), _mm256_add_epi64(_mm256_add_epi64(a0, a1), _mm256_add_epi64(a2, a3)));
+  uint64_t sum = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t w;
+    __builtin_memcpy(&w, c + i, 8);
+    sum += w;
+  }
+  return sum;
+}
+
 }  // namespace
 
-const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_rows};
+const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_rows, &stream_sum};
 
 }  // namespace fluxion::core::cpu::avx2
 #pragma GCC pop_options

@@ -44,6 +44,19 @@ struct Ops {
   static V add(V a, V b) { return _mm512_add_ps(a, b); }
   static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
   static float reduce_add(V x) { return _mm512_reduce_add_ps(x); }
+  // out[i] = sum of the lanes of v[i], i < 16, as one transposing tree: 45 shuffles and adds instead of 16
+  // separate horizontal sums.
+  static constexpr bool kReduce16 = true;
+  static void reduce16(const V* v, float* out) {
+    V t[8], u[4];
+    for (int i = 0; i < 8; ++i)  // per 128-bit lane: v[2i] partial sums at positions 0, 2; v[2i+1] at 1, 3
+      t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  // per 128-bit lane: partial sums of v[4i .. 4i+3]
+      u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    const V x01 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x44), _mm512_shuffle_f32x4(u[0], u[1], 0xEE));
+    const V x23 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x44), _mm512_shuffle_f32x4(u[2], u[3], 0xEE));
+    _mm512_storeu_ps(out, _mm512_add_ps(_mm512_shuffle_f32x4(x01, x23, 0x88), _mm512_shuffle_f32x4(x01, x23, 0xDD)));
+  }
   static V load_bf16(const uint16_t* p) {
     const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
@@ -70,9 +83,32 @@ struct Ops {
 
 #include "core/cpu/kernels_impl.inc"
 
+// Four independent accumulators of 64-byte loads: far more load throughput than DRAM can feed one core.
+uint64_t stream_sum(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  int64_t i = 0;
+  for (; i + 256 <= bytes; i += 256) {
+    a0 = _mm512_add_epi64(a0, _mm512_loadu_si512(c + i));
+    a1 = _mm512_add_epi64(a1, _mm512_loadu_si512(c + i + 64));
+    a2 = _mm512_add_epi64(a2, _mm512_loadu_si512(c + i + 128));
+    a3 = _mm512_add_epi64(a3, _mm512_loadu_si512(c + i + 192));
+  }
+  alignas(64) uint64_t lanes[8];
+  _mm512_store_si512(lanes, _mm512_add_epi64(_mm512_add_epi64(a0, a1), _mm512_add_epi64(a2, a3)));
+  uint64_t sum = 0;
+  for (uint64_t x : lanes) sum += x;
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t w;
+    __builtin_memcpy(&w, c + i, 8);
+    sum += w;
+  }
+  return sum;
+}
+
 }  // namespace
 
-const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_rows};
+const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_rows, &stream_sum};
 
 }  // namespace fluxion::core::cpu::FLUXION_AVX512_NS
 #pragma GCC pop_options

@@ -8,6 +8,8 @@ namespace {
 struct Ops {
   using V = float;
   static constexpr bool kBf16Dot = false;
+  static constexpr bool kReduce16 = false;
+  static void reduce16(const V*, float*) {}  // unused: kReduce16 is false
   static V dot_bf16(const uint16_t*, const uint16_t*, V acc) { return acc; }  // unused: kBf16Dot is false
   static constexpr int W = 1;
   static V zero() { return 0.f; }
@@ -26,8 +28,26 @@ struct Ops {
 
 #include "core/cpu/kernels_impl.inc"
 
+uint64_t stream_sum(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  uint64_t s0 = 0, s1 = 0;
+  int64_t i = 0;
+  for (; i + 16 <= bytes; i += 16) {
+    uint64_t w[2];
+    __builtin_memcpy(w, c + i, 16);
+    s0 += w[0];
+    s1 += w[1];
+  }
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t w;
+    __builtin_memcpy(&w, c + i, 8);
+    s0 += w;
+  }
+  return s0 + s1;
+}
+
 }  // namespace
 
-const KernelTable kTable = {Isa::kScalar, &score_rows, &attend_rows};
+const KernelTable kTable = {Isa::kScalar, &score_rows, &attend_rows, &stream_sum};
 
 }  // namespace fluxion::core::cpu::scalar

@@ -57,9 +57,9 @@ struct QueryScratch {
 void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                   int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride);
 
-// Indices (in [0, n), ascending) of the min(k, #selectable) largest scores; ties go to the lower index;
-// -inf and NaN are never selected. Returns the count. `keys` is scratch.
-int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<uint32_t>& keys);
+// Indices (in [0, n), ascending) of the min(k, #selectable) largest scores; ties go to the lower index
+// (-0 ties +0); -inf and NaN are never selected. Returns the count. `scratch` is reused across calls.
+int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<uint32_t>& scratch);
 
 // Folds the tokens of `blocks[i]` (restricted to [tok_begin, tok_end)) into the state of each head whose
 // bit is set in masks[i].

@@ -493,6 +493,10 @@ __global__ void __launch_bounds__(kAttendThreads, 3) attend_kernel(const AttendA
   const uint32_t slice_mask = (1u << nh) - 1u;
   const T* pages = static_cast<const T*>(a.view.pages);
   const int64_t P = a.view.layout.page_tokens;
+  // A tile is one unit of the page (layout.h): tiles start at unit boundaries (blocks are BS-aligned and
+  // split into 16-token tiles), and the unit's V rows follow its K rows.
+  static_assert(TA::TT == PageLayout::kUnitTokens, "a tile must be exactly one K/V unit of the page");
+  constexpr int64_t kUnitV = int64_t(PageLayout::kUnitTokens) * D;  // v_offset(t) - k_offset(t)
 
   struct Tile {
     const T* k;
@@ -509,7 +513,8 @@ __global__ void __launch_bounds__(kAttendThreads, 3) attend_kernel(const AttendA
     const int64_t page = page_base(a.view, a.num_frames, ti.b, ti.kv_head, tok0);
     if (page < 0) return d;
     d.tok_mask = ((th - tl) >= 32 ? 0xffffffffu : ((1u << (th - tl)) - 1u)) << tl;
-    d.k = pages + page + (tok0 % P) * D;
+    // tok0 is unit-aligned, so the tile is exactly one unit: K[16, D] at k_offset, V[16, D] right after it.
+    d.k = pages + page + a.view.layout.k_offset(tok0 % P);
     return d;
   };
   // Tiles travel host -> registers -> shared memory: NR tiles' loads are in flight while one tile is
@@ -519,7 +524,7 @@ __global__ void __launch_bounds__(kAttendThreads, 3) attend_kernel(const AttendA
   auto fetch = [&](int64_t t, uint4(&r)[TA::PT]) {
     if (t < ntiles) {
       const Tile d = tile(t);
-      if (d.tok_mask) ta.load_regs(r, d.k, d.k + P * D);
+      if (d.tok_mask) ta.load_regs(r, d.k, d.k + kUnitV);
     }
   };
 #pragma unroll

@@ -72,6 +72,7 @@ struct TileAttention {
   // Register path for host-mapped memory: plain 16-byte loads (LDG.E.128), issued early and kept in
   // registers, reach far higher PCIe throughput than cp.async (LDGSTS) from host memory (measured on
   // H200: about 46 vs 26 GB/s), so the sparse kernel stages tiles through registers.
+  // k_src / v_src: TT rows each, row stride D (one 16-token unit of a store page: v_src = k_src + TT * D).
   __device__ __forceinline__ void load_regs(uint4 (&r)[PT], const T* k_src, const T* v_src) const {
     constexpr int PER = TT * CH;
 #pragma unroll
