@@ -132,8 +132,28 @@ def run_fluxion(model, mode, ids, a, shared: dict):
     rt.reset_stats()
     times = time_steps(step, shared["nxt"], a, after_warmup=rt.reset_stats)
     stats = rt.stats()
+    if a.profile:
+        profile_steps(step, shared["nxt"], a, f"{mode}-{ids.shape[1]}-b{ids.shape[0]}")
     fluxion.disable(model)
     return times, shared["prefill_s"], shared["peak"], stats
+
+
+def profile_steps(step, nxt, a, name: str, steps: int = 3):
+    """torch.profiler over a few decode steps: host-side op table (self CPU time) and a Chrome trace in
+    a.profile, to see where a step's host time goes between the graph segments."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if a.device.startswith("cuda") else [])
+    os.makedirs(a.profile, exist_ok=True)
+    with profile(activities=acts) as prof:
+        for i in range(steps):
+            nxt = step(nxt, i)[:, -1:].argmax(-1)
+        sync(a.device)
+    prof.export_chrome_trace(os.path.join(a.profile, f"{name}.trace.json"))
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    with open(os.path.join(a.profile, f"{name}.ops.txt"), "w") as f:
+        f.write(table)
+    print(f"profile of {steps} steps ({name}):\n" + "\n".join(table.splitlines()[:25]))
 
 
 @torch.no_grad()
@@ -218,6 +238,8 @@ def main(argv=None) -> int:
     p.add_argument("--table-seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing each Fluxion mode, profile 3 steps (torch.profiler): op table + Chrome trace")
     a = p.parse_args(argv)
     if a.tiny:
         a.model, a.contexts, a.batch, a.steps, a.warmup = "tiny", [2048], [1, 2], 4, 1

@@ -14,6 +14,8 @@ Sections (all in one run, medians of CUDA-event timings after warm-up):
   window     every window_attention kernel (fluxion.set_window_kernel) vs torch SDPA on windows of
              --window-sizes tokens (sink included) at batches --window-batches (32/8 heads, D=128, bf16):
              eager, one-call graph replay, and 20 calls per graph
+  tasks      one retrieval_attention call over the first 1, 2, 4, ... groups of a layer at the largest context:
+             PCIe GB/s against the size of a GPU batch (what the scheduler's GPU side pulls)
   concurrent CPU retrieval (torch.ops.fluxion.retrieval_attention on CPU tensors, 15 threads) on half the
              groups while the GPU op runs the other half: combined bytes/s vs each alone. The GPU op only
              enqueues kernels, so calling it first and the CPU op right after runs both at once (no thread
@@ -185,6 +187,39 @@ def bench_retrieval(a, ceiling, rows, flush):
                                  attend_ms=t_att * 1e3, attend_gbps=kv / t_att / 1e9,
                                  select_gbps=meta / t_sel / 1e9))
     return stores
+
+
+def bench_tasks(a, ceiling, rows, flush, stores):
+    """One retrieval_attention call over the first n groups (tasks) of a layer: how PCIe throughput depends on
+    the size of a GPU batch (the scheduler's GPU side pulls a few groups at a time)."""
+    ctx = max(stores)
+    store, seqs, layers = stores[ctx]
+    hq, hkv, d, P = a.hq, a.hkv, a.head_dim, store.page_tokens
+    args = [layer_args(store, i, seqs, "cuda") for i in range(layers)]
+    g = torch.Generator().manual_seed(2)
+    qs = [torch.randn(a.batch, hq, d, generator=g).to(torch.bfloat16).cuda() for _ in range(layers)]
+    budget, bs = (0.05 if 0.05 in a.budgets else a.budgets[0]), 16
+    budgets = torch.full((a.batch, hq), budget, device="cuda")
+    bsz = torch.full((a.batch, hkv), bs, dtype=torch.int32, device="cuda")
+    print(f"\n## GPU batch size: retrieval over the first n groups at {ctx} tokens, budget {budget}, BS {bs}")
+    print(f"{'groups':>6} {'MB read':>8} {'ms':>8} {'GB/s':>6} {'% ceil':>6}")
+    n = 1
+    while n <= a.batch * hkv:
+        groups = torch.arange(n, dtype=torch.int32, device="cuda")
+        it = [0]
+
+        def run():
+            i = it[0] % layers
+            it[0] += 1
+            return OPS.retrieval_attention(qs[i], *args[i], budgets, bsz, groups, P, a.sink, a.local, d ** -0.5)
+
+        nbytes = int(run()[2].sum())
+        t = cuda_median_s(run, a.reps, before=flush)
+        gbps = nbytes / t / 1e9
+        print(f"{n:>6} {nbytes / 1e6:>8.1f} {t * 1e3:>8.3f} {gbps:>6.1f} {100 * gbps / ceiling:>5.0f}%")
+        rows.append(dict(section="tasks", ctx=ctx, budget=budget, block_size=bs, groups=n, bytes_read=nbytes,
+                         median_ms=t * 1e3, gbps=gbps, ceiling_gbps=ceiling, ratio_to_ceiling=gbps / ceiling))
+        n *= 2
 
 
 def bench_staging(a, ceiling, rows, flush, stores):
@@ -419,7 +454,7 @@ def main(argv=None) -> int:
     p.add_argument("--window-batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--reps", type=int, default=15)
     p.add_argument("--cpu-threads", type=int, default=max(1, (os.cpu_count() or 2) - 1))
-    p.add_argument("--sections", nargs="+", default=["h2d", "retrieval", "staging", "window", "concurrent"])
+    p.add_argument("--sections", nargs="+", default=["h2d", "retrieval", "tasks", "staging", "window", "concurrent"])
     p.add_argument("--quick", action="store_true", help="32K tokens, budget 0.05, BS 16 and 64, fewer repetitions")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     a = p.parse_args(argv)
@@ -438,8 +473,10 @@ def main(argv=None) -> int:
     print(f"pinned H2D (cudaMemcpyAsync via .copy_): {ceiling:.1f} GB/s")
     rows.append(dict(section="h2d", gbps=ceiling))
     stores = {}
-    if "retrieval" in a.sections or "staging" in a.sections:
+    if any(x in a.sections for x in ("retrieval", "staging", "tasks")):
         stores = bench_retrieval(a, ceiling, rows, flush)
+    if "tasks" in a.sections:
+        bench_tasks(a, ceiling, rows, flush, stores)
     if "staging" in a.sections:
         bench_staging(a, ceiling, rows, flush, stores)
     stores.clear()

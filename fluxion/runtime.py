@@ -140,9 +140,10 @@ class HybridAttentionRuntime:
         timing:        record per-part timings (CUDA events on a GPU); traffic and task counts are always kept.
     """
 
-    # Decode steps whose retrieval reads fewer bytes than this run on the CPU alone: a GPU pull costs a launch
-    # and a wait (tens of microseconds), more than a few MiB of CPU work.
-    min_gpu_volume = 4 << 20
+    # On a GPU, a layer's decode step whose retrieval reads fewer bytes than this runs on the GPU alone and the
+    # host never waits for the device (short contexts); sharing with the CPU needs q on the host, a sync that
+    # leaves the GPU idle for ~0.1-0.3 ms, which at 50 GB/s of PCIe is worth ~16 MiB of GPU reads.
+    min_shared_volume = 16 << 20
 
     def __init__(self, config: FluxionConfig, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, scale: float | None = None,
@@ -194,7 +195,7 @@ class HybridAttentionRuntime:
         self._sizes = self.table.block_sizes.to(torch.int32).contiguous()
         self._group_budget = self._budgets.view(self.num_layers, self.hkv, self.group).sum(-1)  # [L, Hkv]
         self._cpp_plans: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, B) -> tables
-        self._cpp.configure(config.cpu_threads or 0, self.cpu_retrieval, self.min_gpu_volume)
+        self._cpp.configure(config.cpu_threads or 0, self.cpu_retrieval, self.min_shared_volume)
 
     def reconfigure(self, config: FluxionConfig) -> None:
         """Switches the decode policy (mode, budgets, block sizes, head table, device split) of a live cache.
@@ -491,8 +492,11 @@ class HybridAttentionRuntime:
         from host memory), both from the ops' bytes_read; tasks_cpu / tasks_gpu (retrieval groups run on
         each device); per_step: the same per decode step; store: the host store's memory accounting.
         With decode_backend='cpp' (the default) retrieval_cpu_s / retrieval_gpu_s give way to the C++ step's
-        retrieval_s (wall time of the shared-queue phase), cpu_busy_s (summed over CPU workers), gpu_busy_s
-        (GPU batches from launch to completion), step_s, and gpu_idle_ratio = 1 - gpu_busy_s / retrieval_s.
+        retrieval_s (host time of the retrieval phase), cpu_busy_s (summed over CPU workers), gpu_busy_s
+        (GPU batches of shared steps from launch to completion), step_s, gpu_alone_steps (layer steps small
+        enough to run on the GPU alone without a host sync, see min_shared_volume) and gpu_idle_ratio: the
+        share of the retrieval phase during which the GPU waited (no batch of a shared step running; GPU-alone
+        steps count as busy).
         """
         st = self._stats
         st.resolve()
@@ -505,7 +509,8 @@ class HybridAttentionRuntime:
             total.update(append_s=total.get("append_s", 0.0) + c["append_s"], dense_s=c["dense_s"],
                          retrieval_s=c["retrieval_s"], cpu_busy_s=c["cpu_busy_s"], gpu_busy_s=c["gpu_busy_s"],
                          merge_s=c["merge_s"], step_s=c["step_s"], bytes_cpu=int(c["cpu_bytes"]),
-                         bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]))
+                         bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]),
+                         gpu_alone_steps=int(c["gpu_alone_steps"]))
             total.pop("retrieval_cpu_s", None)
             total.pop("retrieval_gpu_s", None)
         n = max(st.decode_steps, 1)

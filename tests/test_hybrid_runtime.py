@@ -10,12 +10,16 @@ from fluxion import reference as R
 from conftest import make_kv, make_q
 
 
-def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0):
+def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0, min_shared_volume=None):
+    """`steps` decode steps of layer 1 after a prefill. min_shared_volume: 0 makes every GPU step share the
+    queue with the CPU, a huge value makes it run on the GPU alone (no host sync; deferred store writes)."""
     L, hkv, hq, d = 2, 2, 8, 64
     dev = torch.device(device)
     store = fluxion.HostKVStore(L, hkv, d, torch.bfloat16, pin=dev.type == "cuda")
     seqs = [store.add_sequence() for _ in range(2)]
     rt = torch.classes.fluxion.HybridRuntime(store._impl, hq, str(dev), 64, 256, 2)
+    if min_shared_volume is not None:
+        rt.configure(2, True, min_shared_volume)
     rt.set_sequences(seqs)
     n0 = 1100
     k, v, direction = make_kv(2, hkv, n0 + steps, d, torch.bfloat16, seed=seed)
@@ -37,23 +41,31 @@ def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0):
             hist_v[b] = torch.cat([hist_v[b], vn[b]], 1)
         outs.append(out.cpu())
         refs.append((q, [x.clone() for x in hist_k], [x.clone() for x in hist_v]))
+    # Every token reached the host store (GPU-alone steps write theirs once the async copy lands).
+    for b, s in enumerate(seqs):
+        sk, sv = store.gather(1, s)
+        assert torch.equal(sk, hist_k[b]) and torch.equal(sv, hist_v[b])
     return outs, refs, rt.stats()
 
 
+@pytest.mark.parametrize("path", ["shared", "gpu-alone"])
 @pytest.mark.parametrize("use_gpu", [False, True])
-def test_full_budget_equals_dense_attention(device, use_gpu):
-    outs, refs, stats = _run(device, use_gpu, 1.0)
+def test_full_budget_equals_dense_attention(device, use_gpu, path):
+    outs, refs, stats = _run(device, use_gpu, 1.0, min_shared_volume=0 if path == "shared" else 1 << 40)
     for out, (q, ks, vs) in zip(outs, refs):
         for b in range(2):
             fo, _ = R.full_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([ks[b].shape[1]]), 64 ** -0.5)
             torch.testing.assert_close(out[b], fo[0], atol=1e-4, rtol=1e-3)
     assert stats["steps"] == 4 and stats["cpu_tasks"] + stats["gpu_tasks"] == 4 * 4
     if device.type == "cpu" or not use_gpu:
-        assert stats["gpu_tasks"] == 0
+        assert stats["gpu_tasks"] == 0 and stats["gpu_alone_steps"] == 0
+    else:
+        assert stats["gpu_alone_steps"] == (4 if path == "gpu-alone" else 0) and stats["gpu_bytes"] > 0
 
 
-def test_sparse_budget_matches_reference_task(device):
-    outs, refs, _ = _run(device, True, 0.05, block=32)
+@pytest.mark.parametrize("path", ["shared", "gpu-alone"])
+def test_sparse_budget_matches_reference_task(device, path):
+    outs, refs, _ = _run(device, True, 0.05, block=32, min_shared_volume=0 if path == "shared" else 1 << 40)
     for out, (q, ks, vs) in zip(outs, refs):
         for b in range(2):
             n = ks[b].shape[1]

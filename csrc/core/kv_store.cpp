@@ -176,36 +176,63 @@ void HostKVStore::reserve_free_frames(int64_t frames_needed) {
 }
 
 void HostKVStore::append(int layer, const std::vector<AppendItem>& items, const ParallelFor& parallel) {
+  std::vector<std::pair<int, int64_t>> seq_tokens;
+  for (const AppendItem& it : items) {
+    if (it.src.num_tokens > 0 && (it.src.k == nullptr || it.src.v == nullptr)) throw std::invalid_argument("null K/V source");
+    seq_tokens.emplace_back(it.seq, it.src.num_tokens);
+  }
+  const std::vector<int64_t> first = reserve(layer, seq_tokens);
+  for (size_t i = 0; i < items.size(); ++i) write_tokens(layer, seqs_[items[i].seq], first[i], items[i].src, parallel);
+}
+
+std::vector<int64_t> HostKVStore::reserve(int layer, const std::vector<std::pair<int, int64_t>>& seq_tokens) {
   check_layer(layer);
   int64_t frames_needed = 0;
   const int64_t P = config_.page_tokens;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const AppendItem& it = items[i];
-    check_seq(it.seq);
+  for (size_t i = 0; i < seq_tokens.size(); ++i) {
+    const auto [seq, tokens] = seq_tokens[i];
+    check_seq(seq);
     for (size_t j = 0; j < i; ++j)
-      if (items[j].seq == it.seq) throw std::invalid_argument("sequence " + std::to_string(it.seq) + " appears twice in one append");
-    if (it.src.num_tokens < 0) throw std::invalid_argument("num_tokens must be >= 0");
-    if (it.src.num_tokens > 0 && (it.src.k == nullptr || it.src.v == nullptr)) throw std::invalid_argument("null K/V source");
-    const int64_t n0 = seqs_[it.seq].lengths[layer];
-    const int64_t have = int64_t(seqs_[it.seq].frames[layer].size());
-    frames_needed += std::max<int64_t>(0, (n0 + it.src.num_tokens + P - 1) / P - have);
+      if (seq_tokens[j].first == seq) throw std::invalid_argument("sequence " + std::to_string(seq) + " appears twice in one append");
+    if (tokens < 0) throw std::invalid_argument("num_tokens must be >= 0");
+    const int64_t n0 = seqs_[seq].lengths[layer];
+    const int64_t have = int64_t(seqs_[seq].frames[layer].size());
+    frames_needed += std::max<int64_t>(0, (n0 + tokens + P - 1) / P - have);
   }
   reserve_free_frames(frames_needed);  // throws before anything changes
-  for (const AppendItem& it : items) {
-    Sequence& s = seqs_[it.seq];
-    const int64_t n_end = s.lengths[layer] + it.src.num_tokens;
+  std::vector<int64_t> first;
+  for (const auto& [seq, tokens] : seq_tokens) {
+    Sequence& s = seqs_[seq];
+    first.push_back(s.lengths[layer]);
+    const int64_t n_end = s.lengths[layer] + tokens;
     while (int64_t(s.frames[layer].size()) * P < n_end) {
       s.frames[layer].push_back(free_frames_.back());
       free_frames_.pop_back();
     }
+    s.lengths[layer] = n_end;
+    stored_tokens_ += tokens;
   }
-  for (const AppendItem& it : items) write_tokens(layer, seqs_[it.seq], it.src, parallel);
+  return first;
 }
 
-void HostKVStore::write_tokens(int layer, Sequence& s, const TokenSource& src, const ParallelFor& parallel) {
+void HostKVStore::write(int layer, int seq, int64_t position, const TokenSource& src, const ParallelFor& parallel) {
+  check_layer(layer);
+  check_seq(seq);
+  if (src.num_tokens > 0 && (src.k == nullptr || src.v == nullptr)) throw std::invalid_argument("null K/V source");
+  if (position < 0 || src.num_tokens < 0 || position + src.num_tokens > seqs_[seq].lengths[layer])
+    throw std::invalid_argument("write of positions [" + std::to_string(position) + ", " +
+                                std::to_string(position + src.num_tokens) + ") outside the " +
+                                std::to_string(seqs_[seq].lengths[layer]) + " reserved ones");
+  write_tokens(layer, seqs_[seq], position, src, parallel);
+}
+
+// Token x head rows below which an append runs on the calling thread.
+constexpr int64_t kMinParallelTokenHeads = 256;
+
+void HostKVStore::write_tokens(int layer, const Sequence& s, int64_t n0, const TokenSource& src,
+                               const ParallelFor& parallel) {
   const int64_t T = src.num_tokens;
   if (T == 0) return;
-  const int64_t n0 = s.lengths[layer];
   const int64_t n1 = n0 + T;
   const int64_t P = config_.page_tokens;
   const int D = config_.head_dim;
@@ -279,13 +306,12 @@ void HostKVStore::write_tokens(int layer, Sequence& s, const TokenSource& src, c
     }
   };
   const int64_t items = num_spans * H;
-  if (parallel && items > 1) {
+  // A decode append (a token per head) takes microseconds: waking a thread pool would cost more than it saves.
+  if (parallel && items > 1 && T * H >= kMinParallelTokenHeads) {
     parallel(items, work);
   } else {
     work(0, items);
   }
-  s.lengths[layer] = n1;
-  stored_tokens_ += T;
 }
 
 StoreStats HostKVStore::stats() const {

@@ -85,6 +85,13 @@ class HostKVStore {
   // Appends tokens for several sequences of one layer, all or nothing (validation and capacity are
   // checked before the first byte is written).
   void append(int layer, const std::vector<AppendItem>& items, const ParallelFor& parallel = {});
+  // The same append in two phases, for tokens whose data is still on its way to the host (a decode token in
+  // flight from the GPU): reserve() grows the sequences by num_tokens each now (frames, lengths; all or
+  // nothing, capacity checked) and returns each one's first position; write() fills reserved positions later.
+  // A layer's writes must come in position order, and nothing may read a reserved position before its write
+  // (decode reads only positions outside the local window, which a new token is in for `local` steps).
+  std::vector<int64_t> reserve(int layer, const std::vector<std::pair<int, int64_t>>& seq_tokens);
+  void write(int layer, int seq, int64_t position, const TokenSource& src, const ParallelFor& parallel = {});
 
   // Frames that appends can still obtain without exceeding the byte cap or the reservation.
   int64_t frames_available() const;
@@ -119,7 +126,8 @@ class HostKVStore {
   // Makes at least `frames_needed` free frames available, committing (and pinning) memory; throws
   // CapacityError without changing anything if the cap or the reservation would be exceeded.
   void reserve_free_frames(int64_t frames_needed);
-  void write_tokens(int layer, Sequence& s, const TokenSource& src, const ParallelFor& parallel);
+  // Writes src's tokens at positions [n0, n0 + T) (reserved) with their metadata.
+  void write_tokens(int layer, const Sequence& s, int64_t n0, const TokenSource& src, const ParallelFor& parallel);
 
   StoreConfig config_;
   PageLayout layout_;

@@ -15,6 +15,7 @@
 #include "ops/cpu_executor.h"
 
 #ifdef FLUXION_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -152,51 +153,14 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   use_gpu = use_gpu && device.is_cuda();
   const bool on_gpu = device.is_cuda();
 
-  // 1. This step's inputs on the host in one transfer (q for the CPU tasks, the new K/V for the store):
-  //    three async copies into page-locked memory and one wait, instead of a blocking copy each.
+  // 1. The plan: retrieval tasks (sequence x KV-head group with a non-zero budget), largest data volume first.
+  //    Lengths are known on the host, so planning needs nothing from the device.
   auto t = Clock::now();
-  const auto host_opts = at::TensorOptions().dtype(store->scalar_type()).pinned_memory(on_gpu);
-  at::Tensor staged = at::empty({B * (Hq + 2 * Hkv) * D}, host_opts);
-  at::Tensor q_h = staged.narrow(0, 0, B * Hq * D).view({B, Hq, D});
-  at::Tensor k_h = staged.narrow(0, B * Hq * D, B * Hkv * D).view({B, Hkv, 1, D});
-  at::Tensor v_h = staged.narrow(0, B * (Hq + Hkv) * D, B * Hkv * D).view({B, Hkv, 1, D});
-  q_h.copy_(q, on_gpu);
-  k_h.copy_(k, on_gpu);
-  v_h.copy_(v, on_gpu);
-#ifdef FLUXION_WITH_CUDA
-  if (on_gpu) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();  // waits for q's producers
-#endif
-  // The new token: host store (its first retrieval use is `local` steps away) and the dense window, whose
-  // positions and lengths go up in one small async copy.
-  const at::Tensor lens_before = store->seq_lens(layer, ids);
-  store->append(layer, ids, k_h, v_h, c10::nullopt);
+  store->flush_pending(layer);  // the previous step's token of this layer (its copy finished long ago)
   at::Tensor meta = at::empty({2, B}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
-  meta[0].copy_(lens_before);
-  meta[1].copy_(lens_before + 1);
+  meta[0].copy_(store->seq_lens(layer, ids));  // before this token
+  meta[1].copy_(meta[0] + 1);
   const at::Tensor lens_host = meta[1];
-  const at::Tensor meta_dev = meta.to(device, /*non_blocking=*/true);
-  const at::Tensor lens_dev = meta_dev[1];
-  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, meta_dev[0].unsqueeze(1), sink);
-  append_s += since(t);
-
-  // 2. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
-  t = Clock::now();
-  auto [o_dense, lse_dense] =
-      op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev, sink, scale);
-  dense_s += since(t);
-
-  // 3. Retrieval tasks (sequence x KV-head group with a non-zero budget) in one queue, largest data volume
-  //    first; the CPU side and the GPU control thread each pull the next share when free.
-  t = Clock::now();
-  const at::Tensor q_host = q_h.to(at::kFloat);
-  const at::Tensor frames = store->frame_table(layer, ids);
-  core::LayerView view;
-  view.pages = store->store->arena();
-  view.layout = store->store->layout();
-  view.dtype = to_core_dtype(store->scalar_type());
-  view.frame_table = frames.data_ptr<int32_t>();
-  view.frame_stride = frames.size(1);
-  view.seq_lens = lens_host.data_ptr<int32_t>();
   const int64_t eb = 2;
   std::vector<core::QueueTask> tasks;
   for (int64_t g = 0; g < B * Hkv; ++g) {
@@ -209,6 +173,95 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     tasks.push_back({int32_t(g), (r.block_end - r.block_begin) * 2 * D * eb + kv * 2 * bs * D * eb});
   }
   core::TaskQueue queue(std::move(tasks));
+  // A small step runs on the GPU alone, without waiting for the device: the host enqueues it and returns,
+  // which keeps the GPU's queue full (a CPU share would need q on the host, i.e. a sync whose latency costs
+  // more than the CPU saves). Larger steps share the queue between the CPU and the GPU.
+  use_gpu = use_gpu && on_gpu;
+  const bool gpu_alone = use_gpu && (!cpu_retrieval || queue.total_volume() < min_shared_volume);
+
+  // 2. The new token: host store and dense window. The GPU-alone step reserves its store positions now and
+  //    writes them once an async device -> host copy lands (the token is read from the store only after it
+  //    leaves the local window, `local` steps from now); the shared step stages q/k/v in one transfer and one
+  //    wait, since its CPU side needs q anyway.
+  const auto host_opts = at::TensorOptions().dtype(store->scalar_type()).pinned_memory(on_gpu);
+  at::Tensor q_h;
+  if (gpu_alone) {
+#ifdef FLUXION_WITH_CUDA
+    const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+    at::Tensor kv_h = at::empty({2, B, Hkv, 1, D}, host_opts);
+    kv_h[0].copy_(k, /*non_blocking=*/true);
+    kv_h[1].copy_(v, /*non_blocking=*/true);
+    auto copied = std::make_shared<at::cuda::CUDAEvent>();
+    copied->record(stream);
+    store->append_deferred(layer, ids, kv_h[0], kv_h[1], [copied] { copied->synchronize(); });
+#endif
+  } else {
+    at::Tensor staged = at::empty({B * (Hq + 2 * Hkv) * D}, host_opts);
+    q_h = staged.narrow(0, 0, B * Hq * D).view({B, Hq, D});
+    at::Tensor k_h = staged.narrow(0, B * Hq * D, B * Hkv * D).view({B, Hkv, 1, D});
+    at::Tensor v_h = staged.narrow(0, B * (Hq + Hkv) * D, B * Hkv * D).view({B, Hkv, 1, D});
+    q_h.copy_(q, on_gpu);
+    k_h.copy_(k, on_gpu);
+    v_h.copy_(v, on_gpu);
+#ifdef FLUXION_WITH_CUDA
+    if (on_gpu) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();  // waits for q's producers
+#endif
+    store->append(layer, ids, k_h, v_h, c10::nullopt);
+  }
+  const at::Tensor meta_dev = meta.to(device, /*non_blocking=*/true);
+  const at::Tensor lens_dev = meta_dev[1];
+  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, meta_dev[0].unsqueeze(1), sink);
+  append_s += since(t);
+
+  // 3. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
+  t = Clock::now();
+  auto [o_dense, lse_dense] =
+      op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev, sink, scale);
+  dense_s += since(t);
+
+  t = Clock::now();
+  const at::Tensor frames = store->frame_table(layer, ids);
+  // Host -> device copies from page-locked memory, asynchronous: nothing here waits for the stream.
+  auto up = [&](const at::Tensor& x) { return x.pin_memory().to(device, /*non_blocking=*/true); };
+  auto retrieve_on_gpu = [&](const at::Tensor& groups_host, const at::Tensor& bud_dev, const at::Tensor& bsz_dev,
+                             const at::Tensor& frames_dev) {
+    return op<RetrievalFn>("fluxion::retrieval_attention")
+        .call(q, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev, up(groups_host),
+              store->store->layout().page_tokens, sink, local, scale);
+  };
+  if (gpu_alone) {
+    // 4a. Every task in one launch; the bytes it read are summed on the device (no sync).
+    std::vector<at::Tensor> outs{o_dense}, lses{lse_dense};
+    if (queue.size() > 0) {
+      at::Tensor groups = at::empty({int64_t(queue.size())}, at::kInt);
+      for (size_t i = 0; i < queue.size(); ++i) groups.data_ptr<int32_t>()[i] = queue[i].group;
+      auto [o, l, nbytes] = retrieve_on_gpu(groups, up(bud), up(bsz), up(frames));
+      outs.push_back(o);
+      lses.push_back(l);
+      gpu_bytes_pending = gpu_bytes_pending.defined() ? gpu_bytes_pending + nbytes.sum() : nbytes.sum();
+      gpu_tasks += int64_t(queue.size());
+    }
+    ++gpu_alone_steps;
+    retrieval_s += since(t);
+    t = Clock::now();
+    at::Tensor out = o_dense;
+    if (outs.size() > 1)
+      out = std::get<0>(op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs), at::stack(lses)));
+    merge_s += since(t);
+    step_s += since(t_step);
+    ++steps;
+    return out;
+  }
+
+  // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free.
+  const at::Tensor q_host = q_h.to(at::kFloat);
+  core::LayerView view;
+  view.pages = store->store->arena();
+  view.layout = store->store->layout();
+  view.dtype = to_core_dtype(store->scalar_type());
+  view.frame_table = frames.data_ptr<int32_t>();
+  view.frame_stride = frames.size(1);
+  view.seq_lens = lens_host.data_ptr<int32_t>();
   const auto part_opts = at::TensorOptions().dtype(at::kFloat).pinned_memory(on_gpu);
   at::Tensor out_cpu = at::zeros({B, Hq, D}, part_opts);
   at::Tensor lse_cpu = at::full({B, Hq}, -std::numeric_limits<float>::infinity(), part_opts);
@@ -241,11 +294,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   std::vector<at::Tensor> gpu_out, gpu_lse;
   int64_t gpu_bytes_step = 0;
   core::GpuBatchFn gpu_fn;
-  // Small steps stay on the CPU: a GPU pull costs a launch and a wait (tens of microseconds), more than a
-  // few MiB of CPU work.
-  use_gpu = use_gpu && (!cpu_retrieval || queue.total_volume() >= min_gpu_volume);
 #ifdef FLUXION_WITH_CUDA
-  at::Tensor bud_dev, bsz_dev, frames_dev, pages;
+  at::Tensor bud_dev, bsz_dev, frames_dev;
   if (use_gpu && queue.size() > 0) {
     if (!control) control = std::make_unique<core::ControlThread>();
     gpu_out.resize(size_t(max_gpu_batches) + 1);
@@ -255,19 +305,14 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       c10::cuda::CUDAGuard guard(device);
       // Launch on the step's stream: q and the window append were enqueued there.
       c10::cuda::CUDAStreamGuard stream_guard(main_stream);
-      // Host -> device copies from page-locked memory, asynchronous: nothing here waits for the stream.
-      auto up = [&](const at::Tensor& t) { return t.pin_memory().to(device, /*non_blocking=*/true); };
-      if (!pages.defined()) {  // the plan goes up once per step, from this thread, off the CPU's path
+      if (!frames_dev.defined()) {  // the plan goes up once per step, from this thread, off the CPU's path
         bud_dev = up(bud);
         bsz_dev = up(bsz);
         frames_dev = up(frames);
-        pages = store->pages();
       }
       at::Tensor groups = at::empty({end - begin}, at::kInt);
       for (int64_t i = begin; i < end; ++i) groups.data_ptr<int32_t>()[i - begin] = queue[size_t(i)].group;
-      auto [o, l, nbytes] = op<RetrievalFn>("fluxion::retrieval_attention")
-                                .call(q, pages, frames_dev, lens_dev, bud_dev, bsz_dev, up(groups),
-                                      view.layout.page_tokens, sink, local, scale);
+      auto [o, l, nbytes] = retrieve_on_gpu(groups, bud_dev, bsz_dev, frames_dev);
       at::Tensor nb_host = at::empty({}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
       nb_host.copy_(nbytes.sum(), /*non_blocking=*/true);
       // Wait for the batch by polling an event with short sleeps: a blocking wait would spin on a core the
@@ -292,7 +337,9 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   if (cpu_rate > 0 && gpu_rate > 0) split.cpu_share = cpu_rate / (cpu_rate + gpu_rate);
   core::run_task_queue(queue, (cpu_retrieval || !gpu_fn) ? cpu_fn : core::CpuBatchFn{}, gpu_fn, control.get(), split,
                        &qs);
-  retrieval_s += since(t);
+  const double shared_s = since(t);
+  retrieval_s += shared_s;
+  shared_retrieval_s += shared_s;
   // Throughputs for the next step's split (exponential average over steps; only steps where a side ran).
   const int64_t cpu_bytes_step = bytes_cpu.sum().item<int64_t>();
   auto update_rate = [](double& rate, int64_t bytes, double busy) {
@@ -344,15 +391,18 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
   d.insert("cpu_tasks", double(cpu_tasks));
   d.insert("gpu_tasks", double(gpu_tasks));
   d.insert("cpu_bytes", double(cpu_bytes));
-  d.insert("gpu_bytes", double(gpu_bytes));
+  d.insert("gpu_bytes", double(gpu_bytes + (gpu_bytes_pending.defined() ? gpu_bytes_pending.item<int64_t>() : 0)));
+  d.insert("gpu_alone_steps", double(gpu_alone_steps));
   // The GPU is busy with retrieval only while a batch runs; the window kernel is small in comparison.
-  d.insert("gpu_idle_ratio", retrieval_s > 0 ? 1.0 - gpu_busy_s / retrieval_s : 1.0);
+  // GPU-alone steps count as busy: the host never makes the GPU wait for it there.
+  d.insert("gpu_idle_ratio", retrieval_s > 0 ? std::max(0.0, shared_retrieval_s - gpu_busy_s) / retrieval_s : 1.0);
   return d;
 }
 
 void HybridRuntime::reset_stats() {
-  steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = 0;
-  append_s = dense_s = retrieval_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
+  steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = gpu_alone_steps = 0;
+  gpu_bytes_pending = at::Tensor();
+  append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
 }
 
 // Called from store_class.cpp's registration, after HostKVStore's: the class takes a HostKVStore, so its
@@ -370,12 +420,12 @@ void register_hybrid_runtime(torch::Library& m) {
       })
       .def("configure",
            [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t cpu_workers, bool cpu_retrieval,
-              int64_t min_gpu_volume) {
+              int64_t min_shared_volume) {
              TORCH_CHECK(cpu_workers >= 0, "cpu_workers must be >= 0 (0 = ATen's thread count), got ", cpu_workers);
-             TORCH_CHECK(min_gpu_volume >= 0, "min_gpu_volume must be >= 0 bytes, got ", min_gpu_volume);
+             TORCH_CHECK(min_shared_volume >= 0, "min_shared_volume must be >= 0 bytes, got ", min_shared_volume);
              self->cpu_workers = cpu_workers;
              self->cpu_retrieval = cpu_retrieval;
-             self->min_gpu_volume = min_gpu_volume;
+             self->min_shared_volume = min_shared_volume;
            })
       .def("stats", &HybridRuntime::stats)
       .def("reset_stats", &HybridRuntime::reset_stats)

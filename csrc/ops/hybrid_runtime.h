@@ -4,7 +4,9 @@
 // runs exact attention over the window on the model's device, runs the retrieval tasks (one per
 // sequence x KV-head group with a non-zero budget) from one shared queue ordered by data volume — the
 // CPU side (every CPU thread on one batch) and one GPU control thread each pull the next share of the
-// queue when free — and merges every part by LSE. On a CPU-only machine the same step runs entirely on the CPU.
+// queue when free — and merges every part by LSE. A step that reads little (short contexts) runs on the GPU
+// alone and never waits for the device, its token reaching the store through an async copy. On a CPU-only
+// machine the same step runs entirely on the CPU.
 #pragma once
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
@@ -25,7 +27,9 @@ struct HybridRuntime : torch::CustomClassHolder {
   at::Device device{at::kCPU};
   int64_t cpu_workers = 0;          // threads of the CPU side; 0 = at::get_num_threads() at each step
   int64_t max_gpu_batches = 16;
-  int64_t min_gpu_volume = 4 << 20;  // bytes: smaller steps run on the CPU alone (set by configure)
+  // Bytes a layer's retrieval reads below which a GPU step runs on the GPU alone, with no host sync (set by
+  // configure; the Python runtime passes HybridAttentionRuntime.min_shared_volume).
+  int64_t min_shared_volume = 16 << 20;
   double cpu_rate = 0, gpu_rate = 0;  // measured retrieval bytes/s of each side (set the queue split)
   bool cpu_retrieval = true;         // false: the GPU takes every task (FluxionConfig.device_policy='gpu')
   std::unique_ptr<core::ControlThread> control;  // the GPU side's thread, kept across steps
@@ -33,8 +37,9 @@ struct HybridRuntime : torch::CustomClassHolder {
   std::vector<at::Tensor> k_win, v_win;  // per layer [B, Hkv, sink + local, D] on `device`
 
   // Per-step statistics, summed since the last reset_stats().
-  int64_t steps = 0, cpu_tasks = 0, gpu_tasks = 0, cpu_bytes = 0, gpu_bytes = 0;
-  double append_s = 0, dense_s = 0, retrieval_s = 0, cpu_busy_s = 0, gpu_busy_s = 0, merge_s = 0, step_s = 0;
+  int64_t steps = 0, cpu_tasks = 0, gpu_tasks = 0, cpu_bytes = 0, gpu_bytes = 0, gpu_alone_steps = 0;
+  at::Tensor gpu_bytes_pending;  // bytes read by GPU-alone steps, summed on the device (read by stats())
+  double append_s = 0, dense_s = 0, retrieval_s = 0, shared_retrieval_s = 0, cpu_busy_s = 0, gpu_busy_s = 0, merge_s = 0, step_s = 0;
 
   HybridRuntime(c10::intrusive_ptr<StoreHolder> store, int64_t num_q_heads, const std::string& device, int64_t sink,
                 int64_t local, int64_t cpu_workers);

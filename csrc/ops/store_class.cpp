@@ -105,6 +105,7 @@ void StoreHolder::append(int64_t layer, const std::vector<int64_t>& seq_ids, con
                          const c10::optional<at::Tensor>& valid) {
   check_layer(layer);
   check_seqs(seq_ids);
+  flush_pending(layer);  // writes of a layer land in position order
   const auto& cfg = store->config();
   check_dim(k, 4, "k", "[B, Hkv, T, D]");
   TORCH_CHECK(k.scalar_type() == scalar_type(), "k must have the store's dtype ", scalar_type(), ", got ", k.scalar_type());
@@ -147,7 +148,59 @@ void StoreHolder::append(int64_t layer, const std::vector<int64_t>& seq_ids, con
   }
 }
 
+void StoreHolder::append_deferred(int64_t layer, const std::vector<int64_t>& seq_ids, at::Tensor k_host,
+                                  at::Tensor v_host, std::function<void()> ready) {
+  check_layer(layer);
+  check_seqs(seq_ids);
+  const int64_t B = int64_t(seq_ids.size());
+  TORCH_CHECK(k_host.is_cpu() && k_host.is_contiguous() && k_host.dim() == 4 && k_host.size(0) == B &&
+                  k_host.size(1) == store->config().num_kv_heads && k_host.size(2) == 1 &&
+                  k_host.size(3) == store->config().head_dim && k_host.scalar_type() == scalar_type() &&
+                  v_host.sizes() == k_host.sizes() && v_host.is_cpu() && v_host.is_contiguous() &&
+                  v_host.scalar_type() == scalar_type(),
+              "append_deferred takes contiguous host k/v [B, Hkv, 1, D] in the store's dtype, got ", shape_str(k_host));
+  flush_pending(layer);  // writes of a layer land in position order
+  PendingWrite w{layer, {}, {}, std::move(k_host), std::move(v_host), std::move(ready)};
+  std::vector<std::pair<int, int64_t>> seq_tokens;
+  for (int64_t id : seq_ids) {
+    w.seqs.push_back(int(id));
+    seq_tokens.emplace_back(int(id), 1);
+  }
+  try {
+    w.positions = store->reserve(int(layer), seq_tokens);
+  } catch (const core::CapacityError& e) {
+    TORCH_CHECK(false, "[fluxion.CapacityError] ", e.what());
+  } catch (const std::exception& e) {
+    TORCH_CHECK(false, e.what());
+  }
+  pending_.push_back(std::move(w));
+}
+
+void StoreHolder::flush_pending(int64_t layer) const {
+  if (pending_.empty()) return;
+  std::vector<PendingWrite> keep;
+  for (PendingWrite& w : pending_) {
+    if (layer >= 0 && w.layer != layer) {
+      keep.push_back(std::move(w));
+      continue;
+    }
+    if (w.ready) w.ready();
+    const int64_t H = w.k.size(1), D = w.k.size(3);
+    for (size_t b = 0; b < w.seqs.size(); ++b) {
+      const auto* kb = static_cast<const uint16_t*>(w.k.data_ptr()) + int64_t(b) * H * D;
+      const auto* vb = static_cast<const uint16_t*>(w.v.data_ptr()) + int64_t(b) * H * D;
+      store->write(int(w.layer), w.seqs[b], w.positions[b], core::TokenSource{kb, vb, D, D, 1});
+    }
+  }
+  pending_ = std::move(keep);
+}
+
 at::Tensor StoreHolder::pages() const {
+  flush_pending();
+  return arena_view();
+}
+
+at::Tensor StoreHolder::arena_view() const {
   const auto layout = store->layout();
   const int64_t F = store->committed_frames();
   const auto opts = at::TensorOptions().dtype(scalar_type()).device(at::kCPU);
@@ -180,6 +233,7 @@ at::Tensor StoreHolder::seq_lens(int64_t layer, const std::vector<int64_t>& seq_
 std::tuple<at::Tensor, at::Tensor> StoreHolder::gather(int64_t layer, int64_t seq) const {
   check_layer(layer);
   check_seqs({seq});
+  flush_pending(layer);
   const auto layout = store->layout();
   const int64_t n = store->seq_len(int(layer), int(seq)), H = layout.num_kv_heads, D = layout.head_dim,
                 P = layout.page_tokens;
@@ -202,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor> StoreHolder::gather(int64_t layer, int64_t se
 at::Tensor StoreHolder::block_metadata(int64_t layer, int64_t seq, int64_t block_size) const {
   check_layer(layer);
   check_seqs({seq});
+  flush_pending(layer);
   check_block_size(block_size);
   const auto layout = store->layout();
   const int level = core::granularity_level(int(block_size));
@@ -241,10 +296,12 @@ TORCH_LIBRARY_FRAGMENT(fluxion, m) {
       .def("free_sequence",
            [](const c10::intrusive_ptr<StoreHolder>& self, int64_t seq) {
              self->check_seqs({seq});
+             self->flush_pending();  // no write may land in a freed sequence's frames
              self->store->free_sequence(int(seq));
            })
       .def("append", &StoreHolder::append)
       .def("pages", &StoreHolder::pages)
+      .def("flush", [](const c10::intrusive_ptr<StoreHolder>& self) { self->flush_pending(); })
       .def("frame_table", &StoreHolder::frame_table)
       .def("seq_lens", &StoreHolder::seq_lens)
       .def("seq_len",

@@ -3,6 +3,7 @@
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -24,12 +25,30 @@ struct StoreHolder : torch::CustomClassHolder {
   // k, v: [B, Hkv, T, D] on any device; valid: optional [B, T] bool (false = padding, skipped).
   void append(int64_t layer, const std::vector<int64_t>& seq_ids, const at::Tensor& k, const at::Tensor& v,
               const c10::optional<at::Tensor>& valid);
-  at::Tensor pages() const;                                                          // [F, Hkv, page_elems]
+  // Appends whose K/V are still on their way to the host (the GPU-alone decode step of HybridRuntime): the
+  // positions are reserved now (capacity checked, lengths grow), the data is written once `ready` returns
+  // (it waits for the device -> host copy into k_host/v_host [B, Hkv, 1, D]). Every method that reads or
+  // changes stored data flushes first, so no caller sees an unwritten token.
+  void append_deferred(int64_t layer, const std::vector<int64_t>& seq_ids, at::Tensor k_host, at::Tensor v_host,
+                       std::function<void()> ready);
+  void flush_pending(int64_t layer = -1) const;  // -1: every layer
+  at::Tensor pages() const;  // [F, Hkv, page_elems]; flushes pending writes first
+  at::Tensor arena_view() const;  // the same view without flushing (kernels that only read written positions)
   at::Tensor frame_table(int64_t layer, const std::vector<int64_t>& seq_ids) const;  // [B, max_frames] int32
   at::Tensor seq_lens(int64_t layer, const std::vector<int64_t>& seq_ids) const;     // [B] int32
   std::tuple<at::Tensor, at::Tensor> gather(int64_t layer, int64_t seq) const;       // K, V [Hkv, N, D]
   at::Tensor block_metadata(int64_t layer, int64_t seq, int64_t block_size) const;   // [Hkv, NB, 2, D]
   c10::Dict<std::string, int64_t> stats() const;
+
+ private:
+  struct PendingWrite {
+    int64_t layer;
+    std::vector<int> seqs;
+    std::vector<int64_t> positions;
+    at::Tensor k, v;  // [B, Hkv, 1, D] host
+    std::function<void()> ready;
+  };
+  mutable std::vector<PendingWrite> pending_;  // in append order
 };
 
 }  // namespace fluxion::ops

@@ -75,6 +75,43 @@ TEST_CASE("tokens land block-contiguous and metadata matches a from-scratch min/
   }
 }
 
+TEST_CASE("reserve then write in position order stores what a direct append stores", "[store]") {
+  const int H = 2, D = 64;
+  const int64_t N = 300;
+  auto k = test::random_bf16(size_t(H * N * D), 3), v = test::random_bf16(size_t(H * N * D), 4);
+  core::HostKVStore direct(config()), deferred(config());
+  const int a = direct.add_sequence(), b = deferred.add_sequence();
+  append_range(direct, 0, a, k, v, N, 0, N, D);
+  append_range(deferred, 0, b, k, v, N, 0, 200, D);
+  // Decode-style: each token's position is reserved a step before its data is written.
+  int64_t reserved = deferred.reserve(0, {{b, 1}}).at(0);
+  REQUIRE(reserved == 200);
+  for (int64_t t = 200; t < N; ++t) {
+    REQUIRE(deferred.seq_len(0, b) == t + 1);
+    if (t + 1 < N) REQUIRE(deferred.reserve(0, {{b, 1}}).at(0) == t + 1);
+    deferred.write(0, b, t, core::TokenSource{k.data() + t * D, v.data() + t * D, N * D, D, 1});
+  }
+  REQUIRE(deferred.seq_len(0, b) == N);
+  const auto layout = direct.layout();
+  for (size_t f = 0; f < direct.frames(0, a).size(); ++f)
+    for (int h = 0; h < H; ++h) {
+      // Whole pages compare equal: K/V units and the metadata tables of every granularity.
+      const uint16_t* pa = direct.page(direct.frames(0, a)[f], h);
+      const uint16_t* pb = deferred.page(deferred.frames(0, b)[f], h);
+      const int64_t used = std::min<int64_t>(N - int64_t(f) * 256, 256);
+      for (int64_t t = 0; t < used; ++t) {
+        REQUIRE(std::memcmp(pa + layout.k_offset(t), pb + layout.k_offset(t), D * 2) == 0);
+        REQUIRE(std::memcmp(pa + layout.v_offset(t), pb + layout.v_offset(t), D * 2) == 0);
+      }
+      for (int level = 0; level < core::kNumGranularities; ++level) {
+        const int g = core::kGranularities[level];
+        const int64_t rows = (used + g - 1) / g;
+        REQUIRE(std::memcmp(pa + layout.meta_offset(level), pb + layout.meta_offset(level), size_t(rows * 2 * D) * 2) == 0);
+      }
+    }
+  REQUIRE_THROWS_AS(deferred.write(0, b, N, core::TokenSource{k.data(), v.data(), N * D, D, 1}), std::invalid_argument);
+}
+
 TEST_CASE("page layout: 16-token K/V units, a block is one contiguous run, tables after the units", "[store]") {
   const int D = 128;
   core::PageLayout l{1024, D, 8};
