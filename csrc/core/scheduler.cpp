@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <deque>
 #include <exception>
 #include <stdexcept>
 
@@ -103,17 +104,33 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   QueueRunStats st;
   std::exception_ptr gpu_error;
   auto gpu_loop = [&] {
+    // Up to gpu_in_flight batches run at once; busy time is the union of their [launch, finished] intervals.
+    std::deque<GpuWaitFn> running;
+    double busy_since = 0;
+    auto wait_oldest = [&] {
+      if (running.front()) running.front()();
+      running.pop_front();
+      if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
+    };
     try {
       while (st.gpu_batches < split.max_gpu_batches) {
+        if (int(running.size()) >= std::max(split.gpu_in_flight, 1)) {
+          wait_oldest();
+          continue;
+        }
         const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
         if (b >= e) break;
-        const double t = now_s();
-        gpu_fn(b, e, int(st.gpu_batches++));
-        st.gpu_busy_s += now_s() - t;
+        if (running.empty()) busy_since = now_s();
+        running.push_back(gpu_fn(b, e, int(st.gpu_batches++)));
         st.gpu_tasks += e - b;
       }
+      while (!running.empty()) wait_oldest();
     } catch (...) {
       gpu_error = std::current_exception();
+      try {  // launched batches still write their outputs: let them finish before the step's buffers go
+        while (!running.empty()) wait_oldest();
+      } catch (...) {
+      }
     }
   };
   if (gpu_fn) control->start(gpu_loop);
@@ -145,7 +162,9 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
         if (cpu_fn) {
           cpu_batch(b, e);
         } else {
-          gpu_fn(b, e, int(st.gpu_batches++));
+          const double t = now_s();
+          if (GpuWaitFn wait = gpu_fn(b, e, int(st.gpu_batches++))) wait();
+          st.gpu_busy_s += now_s() - t;
           st.gpu_tasks += e - b;
         }
       } catch (...) {

@@ -68,7 +68,11 @@ class ControlThread {
 };
 
 using CpuBatchFn = std::function<void(int64_t begin, int64_t end)>;
-using GpuBatchFn = std::function<void(int64_t begin, int64_t end, int batch)>;
+// The GPU side launches a batch and returns at once with a function that waits for it (empty: the batch has
+// already finished), so the control thread can launch its next batch while one runs and the GPU never idles
+// through the host's launch work between batches.
+using GpuWaitFn = std::function<void()>;
+using GpuBatchFn = std::function<GpuWaitFn(int64_t begin, int64_t end, int batch)>;
 
 // How the two sides split the queue. Both devices run large batches far better than small ones (the CPU
 // side pays a parallel region per phase, the GPU a launch, a wait and a latency-bound top-k), so each side's
@@ -79,10 +83,12 @@ struct QueueSplit {
   double first_pull = 0.8;  // fraction of that share taken by each side's first pull
   int share_divisor = 3;
   int max_gpu_batches = 16;
+  int gpu_in_flight = 2;  // GPU batches launched and not yet waited for (>= 1)
 };
 
 // Runs the queue to exhaustion. cpu_fn runs a batch of tasks on the calling thread (it may use every CPU
-// thread); gpu_fn launches a batch from `control` and returns when the batch has finished. Empty gpu_fn:
+// thread); gpu_fn launches a batch from `control` (up to split.gpu_in_flight at once; a new pull happens when
+// fewer are running). Empty gpu_fn:
 // everything runs on the CPU in one batch; empty cpu_fn: everything on the GPU in one batch. The GPU pulls
 // at most split.max_gpu_batches times (anything left then runs on the CPU).
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,

@@ -15,7 +15,6 @@
 #include "ops/cpu_executor.h"
 
 #ifdef FLUXION_WITH_CUDA
-#include <ATen/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -191,9 +190,11 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     at::Tensor kv_h = at::empty({2, B, Hkv, 1, D}, host_opts);
     kv_h[0].copy_(k, /*non_blocking=*/true);
     kv_h[1].copy_(v, /*non_blocking=*/true);
-    auto copied = std::make_shared<at::cuda::CUDAEvent>();
-    copied->record(stream);
-    store->append_deferred(layer, ids, kv_h[0], kv_h[1], [copied] { copied->synchronize(); });
+    cudaEvent_t ev;
+    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+    std::shared_ptr<CUevent_st> copied(ev, [](cudaEvent_t e) { cudaEventDestroy(e); });
+    C10_CUDA_CHECK(cudaEventRecord(ev, stream.stream()));
+    store->append_deferred(layer, ids, kv_h[0], kv_h[1], [copied] { C10_CUDA_CHECK(cudaEventSynchronize(copied.get())); });
 #endif
   } else {
     at::Tensor staged = at::empty({B * (Hq + 2 * Hkv) * D}, host_opts);
@@ -301,7 +302,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     gpu_out.resize(size_t(max_gpu_batches) + 1);
     gpu_lse.resize(size_t(max_gpu_batches) + 1);
     const c10::cuda::CUDAStream main_stream = c10::cuda::getCurrentCUDAStream(device.index());
-    gpu_fn = [&, main_stream](int64_t begin, int64_t end, int batch) {
+    gpu_fn = [&, main_stream](int64_t begin, int64_t end, int batch) -> core::GpuWaitFn {
       c10::cuda::CUDAGuard guard(device);
       // Launch on the step's stream: q and the window append were enqueued there.
       c10::cuda::CUDAStreamGuard stream_guard(main_stream);
@@ -313,21 +314,22 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       at::Tensor groups = at::empty({end - begin}, at::kInt);
       for (int64_t i = begin; i < end; ++i) groups.data_ptr<int32_t>()[i - begin] = queue[size_t(i)].group;
       auto [o, l, nbytes] = retrieve_on_gpu(groups, bud_dev, bsz_dev, frames_dev);
+      gpu_out[size_t(batch)] = o;
+      gpu_lse[size_t(batch)] = l;
       at::Tensor nb_host = at::empty({}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
       nb_host.copy_(nbytes.sum(), /*non_blocking=*/true);
-      // Wait for the batch by polling an event with short sleeps: a blocking wait would spin on a core the
-      // CPU side's threads need.
       cudaEvent_t done;
       C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
       C10_CUDA_CHECK(cudaEventRecord(done, main_stream.stream()));
-      cudaError_t state;
-      while ((state = cudaEventQuery(done)) == cudaErrorNotReady)
-        std::this_thread::sleep_for(std::chrono::microseconds(20));
-      C10_CUDA_CHECK(cudaEventDestroy(done));
-      C10_CUDA_CHECK(state);
-      gpu_bytes_step += nb_host.item<int64_t>();
-      gpu_out[size_t(batch)] = o;
-      gpu_lse[size_t(batch)] = l;
+      // The wait polls the event with short sleeps: a blocking wait would spin on a core the CPU side needs.
+      return [done, nb_host, &gpu_bytes_step] {
+        cudaError_t state;
+        while ((state = cudaEventQuery(done)) == cudaErrorNotReady)
+          std::this_thread::sleep_for(std::chrono::microseconds(20));
+        C10_CUDA_CHECK(cudaEventDestroy(done));
+        C10_CUDA_CHECK(state);
+        gpu_bytes_step += nb_host.item<int64_t>();
+      };
     };
   }
 #endif

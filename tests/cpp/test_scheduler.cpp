@@ -52,7 +52,7 @@ TEST_CASE("first pulls take the expected shares, later ones guided shares", "[sc
   std::vector<int64_t> cpu_pulls;
   core::ControlThread control;
   core::run_task_queue(
-      q, [&](int64_t b, int64_t e) { cpu_pulls.push_back(e - b); }, [](int64_t, int64_t, int) {}, &control, split,
+      q, [&](int64_t b, int64_t e) { cpu_pulls.push_back(e - b); }, [](int64_t, int64_t, int) { return core::GpuWaitFn{}; }, &control, split,
       nullptr);
   REQUIRE(cpu_pulls.at(0) == 12);
 }
@@ -74,8 +74,9 @@ TEST_CASE("the CPU side and the GPU control thread share the queue without loss 
   core::run_task_queue(
       q, record,
       [&](int64_t b, int64_t e, int) {
-        record(b, e);
+        // Launch returns at once; the work happens in the wait, as on a GPU.
         gpu_seen += e - b;
+        return core::GpuWaitFn([&record, b, e] { record(b, e); });
       },
       &control, core::QueueSplit{}, &st);
   REQUIRE(seen.size() == 200);
@@ -96,12 +97,19 @@ TEST_CASE("a capped GPU side leaves the rest to the CPU; one side alone takes on
   core::QueueSplit one_gpu_pull;
   one_gpu_pull.max_gpu_batches = 1;
   core::run_task_queue(
-      q, [&](int64_t b, int64_t e) { ran += e - b; }, [&](int64_t b, int64_t e, int) { ran += e - b; }, &control,
+      q, [&](int64_t b, int64_t e) { ran += e - b; }, [&](int64_t b, int64_t e, int) {
+        ran += e - b;
+        return core::GpuWaitFn{};
+      },
+      &control,
       one_gpu_pull, &st);
   REQUIRE(ran == 50);
   REQUIRE(st.gpu_batches <= 1);
   core::TaskQueue alone(tasks);
-  core::run_task_queue(alone, {}, [&](int64_t b, int64_t e, int) { REQUIRE(e - b == 50); }, &control, core::QueueSplit{}, &st);
+  core::run_task_queue(alone, {}, [&](int64_t b, int64_t e, int) {
+    REQUIRE(e - b == 50);
+    return core::GpuWaitFn{};
+  }, &control, core::QueueSplit{}, &st);
   REQUIRE(st.gpu_batches == 1);
 }
 
@@ -118,7 +126,7 @@ TEST_CASE("without a GPU callback every task runs on the CPU and errors propagat
                     std::runtime_error);
   core::TaskQueue q3({{0, 1}, {1, 2}});
   REQUIRE_THROWS_AS(core::run_task_queue(
-                        q3, {}, [](int64_t, int64_t, int) { throw std::runtime_error("gpu"); },
+                        q3, {}, [](int64_t, int64_t, int) -> core::GpuWaitFn { throw std::runtime_error("gpu"); },
                         &control, core::QueueSplit{}, nullptr),
                     std::runtime_error);
 }
