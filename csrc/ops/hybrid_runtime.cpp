@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <limits>
 #include <thread>
 
@@ -156,14 +157,17 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   //    Lengths are known on the host, so planning needs nothing from the device.
   auto t = Clock::now();
   store->flush_pending(layer);  // the previous step's token of this layer (its copy finished long ago)
-  at::Tensor meta = at::empty({2, B}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
-  meta[0].copy_(store->seq_lens(layer, ids));  // before this token
-  meta[1].copy_(meta[0] + 1);
-  const at::Tensor lens_host = meta[1];
+  std::vector<int32_t> lens_before(size_t(B), 0);
+  int64_t max_frames = 1;
+  for (int64_t b = 0; b < B; ++b) {
+    lens_before[size_t(b)] = int32_t(store->store->seq_len(int(layer), int(ids[size_t(b)])));
+    // frames this step may touch, the new token's page included
+    max_frames = std::max<int64_t>(max_frames, lens_before[size_t(b)] / store->store->layout().page_tokens + 1);
+  }
   const int64_t eb = 2;
   std::vector<core::QueueTask> tasks;
   for (int64_t g = 0; g < B * Hkv; ++g) {
-    const int64_t b = g / Hkv, bs = bsz.data_ptr<int32_t>()[g], n = lens_host.data_ptr<int32_t>()[b];
+    const int64_t b = g / Hkv, bs = bsz.data_ptr<int32_t>()[g], n = lens_before[size_t(b)] + 1;
     const auto r = core::retrieval_range(n, sink, local, bs);
     int64_t kv = 0;
     for (int64_t h = g % Hkv * G; h < (g % Hkv + 1) * G; ++h)
@@ -209,9 +213,35 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
 #endif
     store->append(layer, ids, k_h, v_h, c10::nullopt);
   }
-  const at::Tensor meta_dev = meta.to(device, /*non_blocking=*/true);
-  const at::Tensor lens_dev = meta_dev[1];
-  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, meta_dev[0].unsqueeze(1), sink);
+
+  // The plan goes to the device in one page-locked copy (one allocation, one transfer, no per-batch uploads):
+  //   [lens before B | lens after B | budgets B*Hq (fp32 bits) | block sizes B*Hkv | task groups in queue
+  //    order | frame table B*F]
+  const int64_t n_tasks = int64_t(queue.size()), F = max_frames;
+  const int64_t o_lens = B, o_bud = 2 * B, o_bsz = o_bud + B * Hq, o_groups = o_bsz + B * Hkv,
+                o_frames = o_groups + n_tasks;
+  at::Tensor plan = at::empty({o_frames + B * F}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
+  int32_t* ph = plan.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    ph[b] = lens_before[size_t(b)];
+    ph[o_lens + b] = lens_before[size_t(b)] + 1;
+  }
+  std::memcpy(ph + o_bud, bud.data_ptr<float>(), size_t(B * Hq) * 4);
+  std::memcpy(ph + o_bsz, bsz.data_ptr<int32_t>(), size_t(B * Hkv) * 4);
+  for (int64_t i = 0; i < n_tasks; ++i) ph[o_groups + i] = queue[size_t(i)].group;
+  std::fill(ph + o_frames, ph + o_frames + B * F, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    const auto& fr = store->store->frames(int(layer), int(ids[size_t(b)]));
+    std::copy(fr.begin(), fr.begin() + std::min<int64_t>(F, int64_t(fr.size())), ph + o_frames + b * F);
+  }
+  const at::Tensor plan_dev = on_gpu ? plan.to(device, /*non_blocking=*/true) : plan;
+  auto dev_part = [&](int64_t off, int64_t n) { return plan_dev.narrow(0, off, n); };
+  const at::Tensor lens_host = plan.narrow(0, o_lens, B);
+  const at::Tensor lens_dev = dev_part(o_lens, B);
+  const at::Tensor bud_dev = dev_part(o_bud, B * Hq).view(at::kFloat).view({B, Hq});
+  const at::Tensor bsz_dev = dev_part(o_bsz, B * Hkv).view({B, Hkv});
+  const at::Tensor frames_dev = dev_part(o_frames, B * F).view({B, F});
+  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, dev_part(0, B).unsqueeze(1), sink);
   append_s += since(t);
 
   // 3. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
@@ -221,26 +251,21 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   dense_s += since(t);
 
   t = Clock::now();
-  const at::Tensor frames = store->frame_table(layer, ids);
-  // Host -> device copies from page-locked memory, asynchronous: nothing here waits for the stream.
-  auto up = [&](const at::Tensor& x) { return x.pin_memory().to(device, /*non_blocking=*/true); };
-  auto retrieve_on_gpu = [&](const at::Tensor& groups_host, const at::Tensor& bud_dev, const at::Tensor& bsz_dev,
-                             const at::Tensor& frames_dev) {
+  // Retrieval of queue entries [begin, end) on the GPU, reading the page-locked store in place.
+  auto retrieve_on_gpu = [&](int64_t begin, int64_t end) {
     return op<RetrievalFn>("fluxion::retrieval_attention")
-        .call(q, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev, up(groups_host),
+        .call(q, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev, dev_part(o_groups + begin, end - begin),
               store->store->layout().page_tokens, sink, local, scale);
   };
   if (gpu_alone) {
     // 4a. Every task in one launch; the bytes it read are summed on the device (no sync).
     std::vector<at::Tensor> outs{o_dense}, lses{lse_dense};
-    if (queue.size() > 0) {
-      at::Tensor groups = at::empty({int64_t(queue.size())}, at::kInt);
-      for (size_t i = 0; i < queue.size(); ++i) groups.data_ptr<int32_t>()[i] = queue[i].group;
-      auto [o, l, nbytes] = retrieve_on_gpu(groups, up(bud), up(bsz), up(frames));
+    if (n_tasks > 0) {
+      auto [o, l, nbytes] = retrieve_on_gpu(0, n_tasks);
       outs.push_back(o);
       lses.push_back(l);
       gpu_bytes_pending = gpu_bytes_pending.defined() ? gpu_bytes_pending + nbytes.sum() : nbytes.sum();
-      gpu_tasks += int64_t(queue.size());
+      gpu_tasks += n_tasks;
     }
     ++gpu_alone_steps;
     retrieval_s += since(t);
@@ -260,8 +285,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   view.pages = store->store->arena();
   view.layout = store->store->layout();
   view.dtype = to_core_dtype(store->scalar_type());
-  view.frame_table = frames.data_ptr<int32_t>();
-  view.frame_stride = frames.size(1);
+  view.frame_table = ph + o_frames;
+  view.frame_stride = F;
   view.seq_lens = lens_host.data_ptr<int32_t>();
   const auto part_opts = at::TensorOptions().dtype(at::kFloat).pinned_memory(on_gpu);
   at::Tensor out_cpu = at::zeros({B, Hq, D}, part_opts);
@@ -296,7 +321,6 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   int64_t gpu_bytes_step = 0;
   core::GpuBatchFn gpu_fn;
 #ifdef FLUXION_WITH_CUDA
-  at::Tensor bud_dev, bsz_dev, frames_dev;
   if (use_gpu && queue.size() > 0) {
     if (!control) control = std::make_unique<core::ControlThread>();
     gpu_out.resize(size_t(max_gpu_batches) + 1);
@@ -306,14 +330,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       c10::cuda::CUDAGuard guard(device);
       // Launch on the step's stream: q and the window append were enqueued there.
       c10::cuda::CUDAStreamGuard stream_guard(main_stream);
-      if (!frames_dev.defined()) {  // the plan goes up once per step, from this thread, off the CPU's path
-        bud_dev = up(bud);
-        bsz_dev = up(bsz);
-        frames_dev = up(frames);
-      }
-      at::Tensor groups = at::empty({end - begin}, at::kInt);
-      for (int64_t i = begin; i < end; ++i) groups.data_ptr<int32_t>()[i - begin] = queue[size_t(i)].group;
-      auto [o, l, nbytes] = retrieve_on_gpu(groups, bud_dev, bsz_dev, frames_dev);
+      auto [o, l, nbytes] = retrieve_on_gpu(begin, end);
       gpu_out[size_t(batch)] = o;
       gpu_lse[size_t(batch)] = l;
       at::Tensor nb_host = at::empty({}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
