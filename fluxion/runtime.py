@@ -141,9 +141,10 @@ class HybridAttentionRuntime:
     """
 
     # On a GPU, a layer's decode step whose retrieval reads fewer bytes than this runs on the GPU alone and the
-    # host never waits for the device (short contexts); sharing with the CPU needs q on the host, a sync that
-    # leaves the GPU idle for ~0.1-0.3 ms, which at 50 GB/s of PCIe is worth ~16 MiB of GPU reads.
-    min_shared_volume = 16 << 20
+    # host never waits for the device (short contexts); sharing with the CPU needs q on the host (a sync) and
+    # costs ~0.3 ms of fixed work per layer on the H200 box, which only pays off above ~48 MiB per layer
+    # (measured: at 32K tokens and budget 0.05, 30 MB per layer, sharing was slower than the CPU alone).
+    min_shared_volume = 48 << 20
 
     def __init__(self, config: FluxionConfig, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, scale: float | None = None,

@@ -105,23 +105,29 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   std::exception_ptr gpu_error;
   auto gpu_loop = [&] {
     // Up to gpu_in_flight batches run at once; busy time is the union of their [launch, finished] intervals.
-    std::deque<GpuWaitFn> running;
+    std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
+    int64_t running_volume = 0;
     double busy_since = 0;
     auto wait_oldest = [&] {
-      if (running.front()) running.front()();
+      if (running.front().first) running.front().first();
+      running_volume -= running.front().second;
       running.pop_front();
       if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
     };
     try {
       while (st.gpu_batches < split.max_gpu_batches) {
-        if (int(running.size()) >= std::max(split.gpu_in_flight, 1)) {
+        if (!running.empty() && (int(running.size()) >= std::max(split.gpu_in_flight, 1) ||
+                                 queue.remaining_volume() <= running_volume)) {
           wait_oldest();
           continue;
         }
         const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
         if (b >= e) break;
+        int64_t volume = 0;
+        for (int64_t i = b; i < e; ++i) volume += queue[size_t(i)].volume;
         if (running.empty()) busy_since = now_s();
-        running.push_back(gpu_fn(b, e, int(st.gpu_batches++)));
+        running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
+        running_volume += volume;
         st.gpu_tasks += e - b;
       }
       while (!running.empty()) wait_oldest();

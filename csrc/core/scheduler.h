@@ -3,6 +3,7 @@
 // when it is free: the CPU side (a batch runs on every CPU thread at once) and one control thread that
 // launches batches on the GPU. Torch-free; the devices are callbacks.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -26,6 +27,11 @@ class TaskQueue {
   size_t size() const { return tasks_.size(); }
   const QueueTask& operator[](size_t i) const { return tasks_[i]; }
   int64_t total_volume() const { return suffix_.empty() ? 0 : suffix_[0]; }
+  // Volume of the tasks nobody has pulled yet.
+  int64_t remaining_volume() const {
+    const int64_t i = std::min<int64_t>(next_.load(std::memory_order_relaxed), int64_t(tasks_.size()));
+    return suffix_.empty() ? 0 : suffix_[size_t(i)];
+  }
   // Next task index, or -1 when the queue is empty.
   int64_t pop();
   // Consecutive tasks [begin, end) whose volume adds up to at most max_volume (always at least one task
@@ -83,7 +89,9 @@ struct QueueSplit {
   double first_pull = 0.8;  // fraction of that share taken by each side's first pull
   int share_divisor = 3;
   int max_gpu_batches = 16;
-  int gpu_in_flight = 2;  // GPU batches launched and not yet waited for (>= 1)
+  // GPU batches launched and not yet waited for (>= 1). A batch is pulled ahead of the running ones only while
+  // the queue still holds more than they do: near the end the CPU side takes what is left instead.
+  int gpu_in_flight = 2;
 };
 
 // Runs the queue to exhaustion. cpu_fn runs a batch of tasks on the calling thread (it may use every CPU
