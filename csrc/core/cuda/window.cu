@@ -573,8 +573,11 @@ cudaError_t launch_mma(const WindowAttentionParams& p, int ranks_req, cudaStream
 
 // Kernel choice: kind * 16 + ranks (mma only; 0 = heuristic).
 enum Kind : int { kAuto = 0, kTile = 1, kMma = 2 };
-// What "auto" runs: the kernel measured fastest on the H200 (BENCHMARKS.md, dense window).
-constexpr int kAutoKernel = kTile;
+// What "auto" runs: the kernel measured fastest on the H200 (BENCHMARKS.md, dense window): mma with clusters
+// of 2 CTAs per head slice (W 320, 32/8 heads, 20 calls per graph: 6.3 us at batch 1 and 6.6 us at batch 4,
+// against SDPA's 6.7 / 6.8 us, the heuristic rank count's 6.8 / 7.4 us and the tile kernel's 8.0 us).
+constexpr int kAutoKernel = kMma;
+constexpr int kAutoRanks = 2;
 
 bool parse_kernel(const std::string& s, int& out) {
   if (s == "auto") return out = kAuto * 16, true;
@@ -630,8 +633,8 @@ cudaError_t window_attention(const WindowAttentionParams& p, void*, cudaStream_t
     return cudaErrorInvalidValue;
   if (p.batch <= 0) return cudaSuccess;
   const int k = kernel_setting().load(std::memory_order_relaxed);
-  const int kind = k / 16 == kAuto ? kAutoKernel : k / 16;
-  if (kind == kTile) return launch_tile(p, stream);
+  if (k / 16 == kAuto) return kAutoKernel == kTile ? launch_tile(p, stream) : launch_mma(p, kAutoRanks, stream);
+  if (k / 16 == kTile) return launch_tile(p, stream);
   return launch_mma(p, k % 16, stream);  // mma: 0 ranks = the heuristic
 }
 

@@ -57,7 +57,7 @@ size_t window_attention_workspace_bytes(const WindowAttentionParams& p);  // 0
 cudaError_t window_attention(const WindowAttentionParams& p, void* workspace, cudaStream_t stream);
 
 // Which kernel window_attention launches, process-wide (a captured CUDA graph keeps the one it captured):
-// "auto" (the default heuristic), "tile", "mma" (ranks by heuristic) or "mma:R" (R = 1..8 CTAs per
+// "auto" (the default: mma with 2 ranks, the fastest measured on the H200), "tile", "mma" (ranks by heuristic) or "mma:R" (R = 1..8 CTAs per
 // (sequence, KV head, head slice); 1 = a single CTA, no cluster). The initial value comes from the
 // environment variable FLUXION_WINDOW_KERNEL (read once; an invalid value means "auto").
 bool set_window_kernel(const std::string& spec);  // false (nothing changed) when spec is not valid
