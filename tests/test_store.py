@@ -100,7 +100,8 @@ def test_mixed_lengths_and_valid_mask():
 
 def test_frames_are_reused_and_accounting():
     d, hkv = 128, 4
-    store = fluxion.HostKVStore(2, hkv, d, torch.bfloat16, page_tokens=256)
+    # pin=False: the default pins the store wherever a CUDA device is visible (see test_cuda for pinned stores)
+    store = fluxion.HostKVStore(2, hkv, d, torch.bfloat16, page_tokens=256, pin=False)
     k, v, _ = make_kv(1, hkv, 600, d, torch.bfloat16)
     s = fill_store(store, 0, k, v)[0]
     st = store.stats()
