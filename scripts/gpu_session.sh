@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A session on the GPU machine (device tool): build with CUDA, run the GPU tests, run the benchmarks.
-# Logs and JSON go to $OUT (default ./gpu_out).
-#   bash scripts/gpu_session.sh full     # every test and the full benchmark sweeps (~10 min)
-#   bash scripts/gpu_session.sh short    # GPU tests + reduced sweeps (~4 min)
+# Logs and JSON go to $OUT (default ./gpu_out), also packed into $OUT/results.tgz.
+#   bash scripts/gpu_session.sh full     # every test and the full sweeps (> 1 h: longer than one device call)
+#   bash scripts/gpu_session.sh short    # GPU tests + the reduced sweeps recorded in BENCHMARKS.md (~8 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -23,20 +23,28 @@ FLUXION_CUDA=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 setup.py build_ext -
   > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
 python3 -m fluxion info | tee -a "$OUT/machine.txt"
+D="python3 benchmarks/bench_decode.py"
 if [ "$what" = full ]; then
   python3 -m pytest -q tests -p no:cacheprovider -p no:xdist 2>&1 | tee "$OUT/pytest.log" | tail -15
-  python3 benchmarks/bench_cpu_task.py --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"
+  python3 benchmarks/bench_cpu_task.py --pin --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"
   python3 benchmarks/bench_gpu.py --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
-  python3 benchmarks/bench_decode.py --model llama3-8b --out "$OUT/bench_decode_llama.json" 2>&1 | tee "$OUT/bench_decode_llama.txt"
-  python3 benchmarks/bench_decode.py --model qwen2.5-7b --batch 4 --out "$OUT/bench_decode_qwen.json" 2>&1 \
-    | tee "$OUT/bench_decode_qwen.txt"
-  exit 0
+  $D --model llama3-8b --contexts 1024 --batch 1 4 --modes graph-floor fluxion full fixed16-0.05 \
+    --out "$OUT/bench_decode_llama_1k.json" 2>&1 | tee "$OUT/bench_decode_llama_1k.txt"
+  $D --model llama3-8b --out "$OUT/bench_decode_llama.json" 2>&1 | tee "$OUT/bench_decode_llama.txt"
+  $D --model qwen2.5-7b --batch 4 --out "$OUT/bench_decode_qwen.json" 2>&1 | tee "$OUT/bench_decode_qwen.txt"
+else
+  # The reduced sweeps of BENCHMARKS.md's 2026-11-29 tables (~8 min).
+  timeout 200 python3 -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_cuda.py \
+    tests/test_hybrid_runtime.py tests/test_graphs.py tests/test_opcheck.py tests/test_hf.py 2>&1 | tee "$OUT/pytest.log" | tail -5
+  timeout 60 python3 benchmarks/bench_cpu_task.py --contexts 131072 --budgets 0.05 --block-sizes 16 32 64 \
+    --threads 1 15 --layers 3 --min-run-time 0.15 --pin --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"
+  timeout 150 python3 benchmarks/bench_gpu.py --sections h2d retrieval tasks window concurrent \
+    --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+  timeout 100 $D --model llama3-8b --contexts 1024 --batch 1 --modes graph-floor fluxion full \
+    --out "$OUT/bench_decode_llama_1k.json" 2>&1 | tee "$OUT/bench_decode_llama_1k.txt"
+  timeout 300 $D --model llama3-8b --contexts 32768 131072 --batch 1 \
+    --modes full fixed16-0.05 share16-0.05 fluxion hf-offload --out "$OUT/bench_decode_llama.json" 2>&1 \
+    | tee "$OUT/bench_decode_llama.txt"
 fi
-timeout 120 python3 -X faulthandler -m pytest -v -p no:cacheprovider -p no:xdist tests/test_cuda.py tests/test_hybrid_runtime.py \
-  tests/test_graphs.py tests/test_opcheck.py 2>&1 | tee "$OUT/pytest.log" | tail -15
-timeout 70 python3 benchmarks/bench_cpu_task.py --contexts 131072 --budgets 0.05 0.02 --block-sizes 16 32 64 128 \
-  --threads 1 15 --layers 3 --min-run-time 0.15 --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"
-timeout 45 python3 benchmarks/bench_gpu.py --sections h2d concurrent --out "$OUT/bench_gpu_concurrent.json" 2>&1 \
-  | tee "$OUT/bench_gpu_concurrent.txt"
-timeout 45 python3 benchmarks/bench_cpu_task.py --contexts 131072 --budgets 0.05 --block-sizes 16 --threads 1 15 \
-  --layers 3 --min-run-time 0.15 --pin --out "$OUT/bench_cpu_task_pinned.json" 2>&1 | tee "$OUT/bench_cpu_task_pinned.txt"
+# The device tool returns a handful of files: everything also goes back as one archive.
+tar czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz .
