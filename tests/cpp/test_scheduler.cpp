@@ -1,4 +1,6 @@
 // The shared task queue: every task runs exactly once, largest first, pulls bounded by volume.
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <mutex>
 #include <stdexcept>
@@ -49,12 +51,26 @@ TEST_CASE("first pulls take the expected shares, later ones guided shares", "[sc
   core::TaskQueue q(tasks);
   core::QueueSplit split;
   split.cpu_share = 0.75;  // the CPU is three times as fast: its first pull is 0.8 x 75% of the volume
-  std::vector<int64_t> cpu_pulls;
+  split.gpu_in_flight = 1;
+  std::vector<int64_t> cpu_pulls, gpu_pulls;
+  std::atomic<bool> cpu_pulled{false};
   core::ControlThread control;
   core::run_task_queue(
-      q, [&](int64_t b, int64_t e) { cpu_pulls.push_back(e - b); }, [](int64_t, int64_t, int) { return core::GpuWaitFn{}; }, &control, split,
-      nullptr);
+      q,
+      [&](int64_t b, int64_t e) {
+        cpu_pulls.push_back(e - b);
+        cpu_pulled = true;
+      },
+      [&](int64_t b, int64_t e, int) {
+        gpu_pulls.push_back(e - b);
+        // The GPU's batch "runs" until the CPU has pulled once, so the GPU cannot drain the queue first.
+        return core::GpuWaitFn([&] {
+          for (int i = 0; i < 100000 && !cpu_pulled; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
+        });
+      },
+      &control, split, nullptr);
   REQUIRE(cpu_pulls.at(0) == 12);
+  REQUIRE((gpu_pulls.empty() || gpu_pulls[0] <= 4));  // at most 0.8 x 25% of the 20 tasks
 }
 
 TEST_CASE("the CPU side and the GPU control thread share the queue without loss or repeats", "[scheduler]") {
@@ -129,4 +145,43 @@ TEST_CASE("without a GPU callback every task runs on the CPU and errors propagat
                         q3, {}, [](int64_t, int64_t, int) -> core::GpuWaitFn { throw std::runtime_error("gpu"); },
                         &control, core::QueueSplit{}, nullptr),
                     std::runtime_error);
+}
+
+TEST_CASE("the GPU side pulls ahead of a running batch only while the queue holds more than it runs", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 24; ++g) tasks.push_back({g, 100});
+  core::TaskQueue q(tasks);
+  core::ControlThread control;
+  core::QueueSplit split;
+  split.cpu_share = 0.9;  // the GPU's first pull is one task, so the queue is long when it could pull again
+  std::mutex mu;
+  int64_t running = 0, running_volume = 0, launches_ahead = 0;
+  int max_running = 0;
+  bool guard_held = true;
+  core::QueueRunStats st;
+  core::run_task_queue(
+      q, [&](int64_t, int64_t) { std::this_thread::sleep_for(std::chrono::milliseconds(2)); },
+      [&](int64_t b, int64_t e, int) {
+        std::lock_guard<std::mutex> l(mu);
+        const int64_t volume = (e - b) * 100, remaining_before = q.remaining_volume() + volume;
+        if (running > 0) {
+          ++launches_ahead;
+          guard_held = guard_held && remaining_before > running_volume;
+        }
+        ++running;
+        running_volume += volume;
+        max_running = std::max<int>(max_running, int(running));
+        return core::GpuWaitFn([&, volume] {
+          std::this_thread::sleep_for(std::chrono::milliseconds(1));
+          std::lock_guard<std::mutex> l2(mu);
+          --running;
+          running_volume -= volume;
+        });
+      },
+      &control, split, &st);
+  REQUIRE(st.cpu_tasks + st.gpu_tasks == 24);
+  REQUIRE(max_running <= split.gpu_in_flight);
+  REQUIRE(guard_held);
+  REQUIRE(launches_ahead > 0);  // it did pull ahead while the queue was long
+  REQUIRE(running == 0);        // every launched batch was waited for
 }
