@@ -269,14 +269,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     }
     ++gpu_alone_steps;
     retrieval_s += since(t);
-    t = Clock::now();
-    at::Tensor out = o_dense;
-    if (outs.size() > 1)
-      out = std::get<0>(op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs), at::stack(lses)));
-    merge_s += since(t);
-    step_s += since(t_step);
-    ++steps;
-    return out;
+    return merge_parts(outs, lses, Clock::now(), t_step);
   }
 
   // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free.
@@ -388,11 +381,16 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       outs.push_back(gpu_out[i]);
       lses.push_back(gpu_lse[i]);
     }
-  at::Tensor out = o_dense;
+  return merge_parts(outs, lses, t, t_step);
+}
+
+at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
+                                      Clock::time_point merge_start, Clock::time_point step_start) {
+  at::Tensor out = outs.front();
   if (outs.size() > 1)
     out = std::get<0>(op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs), at::stack(lses)));
-  merge_s += since(t);
-  step_s += since(t_step);
+  merge_s += since(merge_start);
+  step_s += since(step_start);
   ++steps;
   return out;
 }

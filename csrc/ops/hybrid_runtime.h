@@ -12,6 +12,7 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -59,6 +60,12 @@ struct HybridRuntime : torch::CustomClassHolder {
                   const at::Tensor& block_sizes, bool use_gpu, double scale);
   c10::Dict<std::string, double> stats() const;
   void reset_stats();
+
+ private:
+  // Merges the step's (out, lse) parts (window first) and closes the step's timers.
+  at::Tensor merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
+                         std::chrono::steady_clock::time_point merge_start,
+                         std::chrono::steady_clock::time_point step_start);
 };
 
 void register_hybrid_runtime(torch::Library& m);
