@@ -493,7 +493,8 @@ class HybridAttentionRuntime:
         from host memory), both from the ops' bytes_read; tasks_cpu / tasks_gpu (retrieval groups run on
         each device); per_step: the same per decode step; store: the host store's memory accounting.
         With decode_backend='cpp' (the default) retrieval_cpu_s / retrieval_gpu_s give way to the C++ step's
-        retrieval_s (host time of the retrieval phase), cpu_busy_s (summed over CPU workers), gpu_busy_s
+        retrieval_s (host time of the retrieval phase), cpu_busy_s (the CPU side's batches, wall time; split
+        into cpu_select_s = scoring + top-k + union and cpu_attend_s = attention + merge), gpu_busy_s
         (GPU batches of shared steps from launch to completion), step_s, gpu_alone_steps (layer steps small
         enough to run on the GPU alone without a host sync, see min_shared_volume) and gpu_idle_ratio: the
         share of the retrieval phase during which the GPU waited (no batch of a shared step running; GPU-alone
@@ -509,6 +510,7 @@ class HybridAttentionRuntime:
             c = dict(self._cpp.stats())
             total.update(append_s=total.get("append_s", 0.0) + c["append_s"], dense_s=c["dense_s"],
                          retrieval_s=c["retrieval_s"], cpu_busy_s=c["cpu_busy_s"], gpu_busy_s=c["gpu_busy_s"],
+                         cpu_select_s=c["cpu_select_s"], cpu_attend_s=c["cpu_attend_s"],
                          merge_s=c["merge_s"], step_s=c["step_s"], bytes_cpu=int(c["cpu_bytes"]),
                          bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]),
                          gpu_alone_steps=int(c["gpu_alone_steps"]))

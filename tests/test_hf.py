@@ -170,6 +170,9 @@ def test_fixed_mode_budget_one_close_and_small_budget_differs():
     assert (sparse - want).abs().max() > ATOL  # random weights attend broadly: 5% retrieval must show
     assert st["decode_steps"] == 32 and st["tasks_cpu"] == 32 * 2 * 2 and st["tasks_gpu"] == 0
     assert st["bytes_cpu"] > 0 and st["bytes_pcie"] == 0 and st["cpu_busy_s"] > 0
+    # The CPU side's phases are inside its busy time.
+    assert st["cpu_select_s"] > 0 and st["cpu_attend_s"] > 0
+    assert st["cpu_select_s"] + st["cpu_attend_s"] <= st["cpu_busy_s"]
 
 
 def test_enable_disable_restores_hf():

@@ -308,7 +308,10 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       task.bytes_read = bytes_cpu.data_ptr<int64_t>() + g;
       batch.push_back(task);
     }
-    core::cpu::run_group_tasks(view, int(G), rcfg, batch.data(), int64_t(batch.size()), executor);
+    core::cpu::PhaseTimes phases;
+    core::cpu::run_group_tasks(view, int(G), rcfg, batch.data(), int64_t(batch.size()), executor, &phases);
+    cpu_select_s += phases.select_s;
+    cpu_attend_s += phases.attend_s;
   };
   std::vector<at::Tensor> gpu_out, gpu_lse;
   int64_t gpu_bytes_step = 0;
@@ -403,6 +406,8 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
   d.insert("retrieval_s", retrieval_s);
   d.insert("cpu_busy_s", cpu_busy_s);
   d.insert("gpu_busy_s", gpu_busy_s);
+  d.insert("cpu_select_s", cpu_select_s);
+  d.insert("cpu_attend_s", cpu_attend_s);
   d.insert("merge_s", merge_s);
   d.insert("step_s", step_s);
   d.insert("cpu_tasks", double(cpu_tasks));
@@ -419,7 +424,7 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
 void HybridRuntime::reset_stats() {
   steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = gpu_alone_steps = 0;
   gpu_bytes_pending = at::Tensor();
-  append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
+  append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
 }
 
 // Called from store_class.cpp's registration, after HostKVStore's: the class takes a HostKVStore, so its

@@ -40,6 +40,7 @@ struct HybridRuntime : torch::CustomClassHolder {
   // Per-step statistics, summed since the last reset_stats().
   int64_t steps = 0, cpu_tasks = 0, gpu_tasks = 0, cpu_bytes = 0, gpu_bytes = 0, gpu_alone_steps = 0;
   at::Tensor gpu_bytes_pending;  // bytes read by GPU-alone steps, summed on the device (read by stats())
+  double cpu_select_s = 0, cpu_attend_s = 0;  // the CPU side's phases: score + top-k + union, attention + merge
   double append_s = 0, dense_s = 0, retrieval_s = 0, shared_retrieval_s = 0, cpu_busy_s = 0, gpu_busy_s = 0, merge_s = 0, step_s = 0;
 
   HybridRuntime(c10::intrusive_ptr<StoreHolder> store, int64_t num_q_heads, const std::string& device, int64_t sink,

@@ -1,6 +1,7 @@
 #include "core/cpu/retrieval.h"
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <atomic>
@@ -217,8 +218,9 @@ void finalize_state(const OnlineSoftmax& st, int G, int D, float* out, float* ls
 }
 
 void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, const GroupTask* tasks, int64_t n,
-                     const Executor& ex) {
-
+                     const Executor& ex, PhaseTimes* times) {
+  using Clock = std::chrono::steady_clock;
+  const auto t_start = Clock::now();
   if (G <= 0 || G > 64) throw std::invalid_argument("query heads per KV head must be in [1, 64]");
   const int D = view.layout.head_dim;
   const int64_t GD = int64_t(G) * D;
@@ -316,6 +318,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     }
   }
 
+  const auto t_selected = Clock::now();
+
   // 4. Attention over chunks of the union: partial states (out, lse) per item.
   std::vector<float> part_out(size_t(items.size()) * GD), part_lse(size_t(items.size()) * G);
   std::vector<std::vector<float>> state(size_t(std::max(ex.num_threads, 1)), std::vector<float>(size_t(GD + 2 * G)));
@@ -347,6 +351,10 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
                        D, tasks[t].out + int64_t(h) * D, tasks[t].lse + h);
     }
   });
+  if (times) {
+    times->select_s += std::chrono::duration<double>(t_selected - t_start).count();
+    times->attend_s += std::chrono::duration<double>(Clock::now() - t_selected).count();
+  }
 }
 
 }  // namespace fluxion::core::cpu

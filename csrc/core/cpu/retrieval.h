@@ -37,10 +37,16 @@ struct GroupTask {
   int64_t* bytes_read = nullptr;   // optional: metadata scanned + K/V of the union of selected blocks
 };
 
+// Wall time of run_group_tasks' phases, added to (for per-step statistics).
+struct PhaseTimes {
+  double select_s = 0;  // scoring the metadata, per-head top-k, union of the selections
+  double attend_s = 0;  // attention over the selected blocks, merge of the partial states
+};
+
 // Runs `n` group tasks of one layer (G query heads per KV head) with dynamic load balancing over
 // scoring chunks, per-head top-k and chunks of selected blocks; partial states are merged exactly.
 void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, const GroupTask* tasks, int64_t n,
-                     const Executor& ex);
+                     const Executor& ex, PhaseTimes* times = nullptr);
 
 // ---- building blocks ----
 
