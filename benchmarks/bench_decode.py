@@ -301,10 +301,10 @@ def main(argv=None) -> int:
                        f"{' (TPOT - floor)' if attn['attention_from'] != 'step_s' else ''}, {attn['mb_per_step']:.0f} MB, roofline "
                        f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%}, GPU idle "
                        f"{attn['gpu_idle_ratio']:.0%}") if attn else ""
-                print(f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
-                      f"{peak / 2**30:>8.2f}{eff}\n{'':>16}{brk}" if per else
-                      f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
-                      f"{peak / 2**30:>8.2f}")
+                vs_floor = f"  ({p50 / floors[b]:.2f}x the graph floor)" if b in floors else ""
+                line = (f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
+                        f"{peak / 2**30:>8.2f}{eff}{vs_floor}")
+                print(f"{line}\n{'':>16}{brk}" if per else line)
                 rows.append(dict(mode=mode, context=ctx, batch=b, tpot_p50_ms=p50 * 1e3, tpot_p99_ms=p99 * 1e3,
                                  prefill_s=prefill_s, peak_gpu_bytes=peak, stats=stats, **attn,
                                  ratio_to_floor=(p50 / floors[b]) if b in floors else None))
