@@ -66,6 +66,17 @@ std::vector<core::cpu::Isa> isas() {
   return out;
 }
 
+// The k largest of x by a stable sort (ties to the lower index), in ascending index order: what select_topk
+// must return.
+std::vector<int32_t> sorted_topk(const std::vector<float>& x, int64_t k) {
+  std::vector<int32_t> idx(x.size());
+  std::iota(idx.begin(), idx.end(), 0);
+  std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[size_t(a)] > x[size_t(b)]; });
+  std::vector<int32_t> want(idx.begin(), idx.begin() + k);
+  std::sort(want.begin(), want.end());
+  return want;
+}
+
 }  // namespace
 
 TEST_CASE("Quest scores match the naive bound at every granularity and SIMD level", "[kernels]") {
@@ -117,11 +128,7 @@ TEST_CASE("top-k selects the largest with ties to the lower index in ascending o
     for (int64_t i = 0; i < n; ++i) x[size_t(i)] = i % 16 == 0 ? 100.f + float(i) : float(r() % 1000) / 100.f;
     std::vector<int32_t> got(static_cast<size_t>(k));
     REQUIRE(core::cpu::select_topk(x.data(), n, k, got.data(), scratch) == k);
-    std::vector<int32_t> idx(static_cast<size_t>(n));
-    std::iota(idx.begin(), idx.end(), 0);
-    std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[size_t(a)] > x[size_t(b)]; });
-    std::vector<int32_t> want(idx.begin(), idx.begin() + k);
-    std::sort(want.begin(), want.end());
+    const std::vector<int32_t> want = sorted_topk(x, k);
     REQUIRE(got == want);
   }
   // -0 ties +0: the lower index wins.
@@ -140,11 +147,7 @@ TEST_CASE("top-k selects the largest with ties to the lower index in ascending o
     const int64_t k = rng() % (n + 1);
     std::vector<int32_t> got(static_cast<size_t>(n));
     const int64_t c = core::cpu::select_topk(x.data(), n, k, got.data(), scratch);
-    std::vector<int32_t> idx(static_cast<size_t>(n));
-    std::iota(idx.begin(), idx.end(), 0);
-    std::stable_sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return x[size_t(a)] > x[size_t(b)]; });
-    std::vector<int32_t> want(idx.begin(), idx.begin() + k);
-    std::sort(want.begin(), want.end());
+    const std::vector<int32_t> want = sorted_topk(x, k);
     REQUIRE(c == k);
     REQUIRE(std::vector<int32_t>(got.begin(), got.begin() + c) == want);
   }
