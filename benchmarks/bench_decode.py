@@ -242,6 +242,8 @@ def main(argv=None) -> int:
     p.add_argument("--floor-context", type=int, default=1024)
     p.add_argument("--backend", choices=["python", "cpp"], default="cpp", help="FluxionConfig.decode_backend")
     p.add_argument("--no-graphs", action="store_true", help="Fluxion modes through HF's eager forward")
+    p.add_argument("--no-whole-steps", action="store_true",
+                   help="keep Fluxion's attention outside the CUDA graphs even where a step runs on the GPU alone")
     p.add_argument("--table-seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
@@ -250,6 +252,10 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.tiny:
         a.model, a.contexts, a.batch, a.steps, a.warmup = "tiny", [2048], [1, 2], 4, 1
+    if a.no_whole_steps:
+        from fluxion.graphs import SegmentGraphs
+
+        SegmentGraphs.whole_steps_default = False
     dtype = torch.bfloat16 if a.device.startswith("cuda") else torch.float32
     env = environment()
     print(f"# {env['gpu'] or env['cpu']} | torch {env['torch']} | model {a.model} | backend {a.backend} | "
@@ -300,7 +306,8 @@ def main(argv=None) -> int:
                 eff = (f"  | attention {attn['attention_ms']:.2f}ms"
                        f"{' (TPOT - floor)' if attn['attention_from'] != 'step_s' else ''}, {attn['mb_per_step']:.0f} MB, roofline "
                        f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%}, GPU idle "
-                       f"{attn['gpu_idle_ratio']:.0%}") if attn else ""
+                       f"{attn['gpu_idle_ratio']:.0%}, whole-step graphs {stats.get('graph_steps', 0)}/"
+                       f"{stats.get('decode_steps', 0)} steps") if attn else ""
                 vs_floor = f"  ({p50 / floors[b]:.2f}x the graph floor)" if b in floors else ""
                 line = (f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
                         f"{peak / 2**30:>8.2f}{eff}{vs_floor}")

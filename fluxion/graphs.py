@@ -11,6 +11,11 @@ retrieval) outside them:
     g_i:      attention output of layer i -> o_proj, residual, MLP -> layer i+1 (norm, q/k/v, RoPE)
     g_last:   attention output of the last layer -> o_proj, residual, MLP -> final norm -> logits
 
+When every layer's attention of a step runs on the GPU alone (short contexts and small budgets, see
+:meth:`HybridAttentionRuntime.graph_begin`), the whole step — segments and attention — is one CUDA graph per
+runtime, captured on the first such step and again when the store's frame tables outgrow it: the host then
+only writes the step's plan and replays, so the step's time no longer depends on how fast the host enqueues.
+
 Supported: Llama, Mistral, Qwen2/2.5 and Qwen3 (same decoder-layer structure; Qwen3 adds per-head q/k
 RMSNorm). Every mode of the runtime ('full', 'fixed', 'fluxion') uses the same segments, so comparisons
 between modes stay fair.
@@ -19,6 +24,7 @@ between modes stay fair.
 from __future__ import annotations
 
 import sys
+import weakref
 
 import torch
 
@@ -33,7 +39,10 @@ class SegmentGraphs:
     (a static buffer: copy it if you keep it past the next step).
     """
 
-    def __init__(self, model, runtime, batch: int, warmup: int = 2):
+    # Whether steps that qualify run as one whole-step graph (None in the constructor takes this default).
+    whole_steps_default = True
+
+    def __init__(self, model, runtime, batch: int, warmup: int = 2, whole_steps: bool | None = None):
         cfg = getattr(model.config, "text_config", model.config)
         if cfg.model_type not in SUPPORTED:
             raise NotImplementedError(f"CUDA-graph decode supports {', '.join(SUPPORTED)}; got {cfg.model_type!r}")
@@ -55,6 +64,9 @@ class SegmentGraphs:
         self.attn = torch.zeros(batch, self.hq, self.head_dim, dtype=dtype, device=dev)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: list[torch.cuda.CUDAGraph] = []
+        # runtime -> (key, graph, logits) of its whole-step graph (see HybridAttentionRuntime.graph_begin)
+        self.whole_steps = self.whole_steps_default if whole_steps is None else whole_steps
+        self._whole: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._capture(warmup)
 
     # --------------------------------------------------------------------------- segment bodies
@@ -126,9 +138,40 @@ class SegmentGraphs:
         rt = runtime if runtime is not None else self.runtime
         self.ids.copy_(input_ids)
         self.pos.copy_(position_ids)
+        key = rt.graph_begin() if self.whole_steps else None
+        if key is not None:
+            whole = self._whole.get(rt)
+            if whole is not None and whole[0] == key:
+                whole[1].replay()
+                rt.graph_end()
+                return whole[2]
+            # This step runs eagerly through the capturable attention path (which also warms it up); the
+            # whole-step graph is captured after it, for the next steps.
+            self._whole.pop(rt, None)
+            self.graphs[0].replay()
+            for i in range(len(self.layers)):
+                q, k, v = self.outs[i][-3:]
+                rt.graph_decode(i, q, k, v, out=self.attn)
+                self.graphs[i + 1].replay()
+            self._capture_whole(rt, key)  # inside the open step: graph_decode checks that one is open
+            rt.graph_end()
+            return self.logits
         self.graphs[0].replay()
         for i in range(len(self.layers)):
             q, k, v = self.outs[i][-3:]
             rt.decode(i, q, k, v, out=self.attn)
             self.graphs[i + 1].replay()
         return self.logits
+
+    def _capture_whole(self, rt, key) -> None:
+        """Captures segments and `rt`'s graph attention as one graph (own memory pool: it is dropped whole when
+        a later key replaces it). Capturing enqueues nothing, so the step just run is unaffected."""
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=torch.cuda.graph_pool_handle()):
+            h, cos, sin, q, k, v = self._seg_embed()
+            for i in range(len(self.layers)):
+                rt.graph_decode(i, q, k, v, out=self.attn)
+                if i + 1 < len(self.layers):
+                    h, q, k, v = self._seg_mid(i, h, cos, sin)
+            logits = self._seg_last(h)
+        self._whole[rt] = (key, g, logits)

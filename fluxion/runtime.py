@@ -196,6 +196,8 @@ class HybridAttentionRuntime:
         self._sizes = self.table.block_sizes.to(torch.int32).contiguous()
         self._group_budget = self._budgets.view(self.num_layers, self.hkv, self.group).sum(-1)  # [L, Hkv]
         self._cpp_plans: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, B) -> tables
+        self._graph_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # B -> [L, B, Hq], [L, B, Hkv]
+        self.graph_epoch = getattr(self, "graph_epoch", -1) + 1  # captured whole-step graphs of older epochs are stale
         self._cpp.configure(config.cpu_threads or 0, self.cpu_retrieval, self.min_shared_volume)
 
     def reconfigure(self, config: FluxionConfig) -> None:
@@ -217,6 +219,7 @@ class HybridAttentionRuntime:
         return 0 if self.seq_ids is None else len(self.seq_ids)
 
     def _open(self, batch: int) -> None:
+        self.graph_epoch += 1  # new windows and sequences
         self.seq_ids = [self.store.add_sequence() for _ in range(batch)]
         shape = (batch, self.hkv, self.sink + self.local, self.d)
         self.k_win = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.num_layers)]
@@ -480,6 +483,46 @@ class HybridAttentionRuntime:
         self.positions[layer] += 1
         return out
 
+    # ------------------------------------------------------------------ whole-step CUDA graphs
+    def graph_begin(self):
+        """Starts a decode step whose attention runs inside a captured CUDA graph (fluxion/graphs.py): every
+        layer's step must be a GPU-alone step (model on a GPU, decode_backend 'cpp', GPU retrieval allowed and
+        each layer's retrieval reading less than :attr:`min_shared_volume`, or device_policy 'gpu').
+
+        Returns None when this step does not qualify (nothing changed: run :meth:`decode` per layer). Otherwise
+        the new token's store positions are reserved in every layer, each layer's plan is written to a
+        page-locked buffer, and the return value is a key: a graph captured under an equal key replays this
+        step correctly. Then call :meth:`graph_decode` for layers 0..L-1 (captured or eagerly) and
+        :meth:`graph_end` once that work is enqueued."""
+        if not (self.on_gpu and self.gpu_retrieval and self.config.decode_backend == "cpp" and self.batch):
+            return None
+        B = self.batch
+        self._begin_step([1] * B)  # a capacity error leaves everything as it was
+        tables = self._graph_tables.get(B)
+        if tables is None:
+            tables = self._graph_tables[B] = (
+                self._budgets[:, None, :].expand(self.num_layers, B, self.hq).contiguous(),
+                self._sizes[:, None, :].expand(self.num_layers, B, self.hkv).contiguous())
+        capacity, committed, signature = self._cpp.graph_begin(self.seq_ids, *tables)
+        if capacity == 0:
+            return None
+        self._stats.decode_steps += 1
+        self.positions = [p + 1 for p in self.positions]
+        return self.graph_epoch, capacity, committed, signature
+
+    def graph_decode(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor) -> None:
+        """The attention of `layer` in a step opened by :meth:`graph_begin`, written into `out` [B, Hq, D]:
+        enqueued work only (no host sync, no step-dependent host work), so it can be captured in a CUDA graph.
+        q [B, Hq, D], k/v [B, Hkv, D] on the model's device."""
+        res = self._cpp.graph_step(layer, self.k_win[layer], self.v_win[layer], q.to(self.kv_dtype),
+                                   k.to(self.kv_dtype).contiguous(), v.to(self.kv_dtype).contiguous(), self.scale)
+        out.copy_(res)
+
+    def graph_end(self) -> None:
+        """Closes a step opened by :meth:`graph_begin`, after its work was enqueued (the step's tokens reach the
+        host store once that work has finished)."""
+        self._cpp.graph_end()
+
     # ------------------------------------------------------------------ statistics
     def _timed(self, key: str, gpu: bool = True):
         return _Timer(self, key, gpu and self.on_gpu)
@@ -496,7 +539,9 @@ class HybridAttentionRuntime:
         retrieval_s (host time of the retrieval phase), cpu_busy_s (the CPU side's batches, wall time; split
         into cpu_select_s = scoring + top-k + union and cpu_attend_s = attention + merge), gpu_busy_s
         (GPU batches of shared steps from launch to completion), step_s, gpu_alone_steps (layer steps small
-        enough to run on the GPU alone without a host sync, see min_shared_volume) and gpu_idle_ratio: the
+        enough to run on the GPU alone without a host sync, see min_shared_volume), graph_steps (decode steps
+        whose attention ran inside a whole-step CUDA graph, see graph_begin; the host timers do not cover them)
+        and gpu_idle_ratio: the
         share of the retrieval phase during which the GPU waited (no batch of a shared step running; GPU-alone
         steps count as busy).
         """
@@ -513,7 +558,7 @@ class HybridAttentionRuntime:
                          cpu_select_s=c["cpu_select_s"], cpu_attend_s=c["cpu_attend_s"],
                          merge_s=c["merge_s"], step_s=c["step_s"], bytes_cpu=int(c["cpu_bytes"]),
                          bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]),
-                         gpu_alone_steps=int(c["gpu_alone_steps"]))
+                         gpu_alone_steps=int(c["gpu_alone_steps"]), graph_steps=int(c["graph_steps"]))
             total.pop("retrieval_cpu_s", None)
             total.pop("retrieval_gpu_s", None)
         n = max(st.decode_steps, 1)

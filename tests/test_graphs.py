@@ -7,15 +7,19 @@ import pytest
 import torch
 
 import fluxion
-from fluxion import FluxionConfig
+from fluxion import FluxionConfig, HeadTable
+from fluxion.runtime import HybridAttentionRuntime
 from conftest import cuda_kernels_available
 
 transformers = pytest.importorskip("transformers")
 from test_hf import tiny_model, tokens  # noqa: E402
 
 
+@pytest.mark.parametrize("whole_steps", [False, True])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_segment_graphs_match_eager_decode(family):
+def test_segment_graphs_match_eager_decode(family, whole_steps):
+    """Segments with the attention outside them, and whole-step graphs (attention captured too), give the
+    logits of HF's eager forward through Fluxion's attention."""
     if not cuda_kernels_available():
         pytest.skip("needs a GPU and Fluxion's CUDA kernels")
     from fluxion.graphs import SegmentGraphs
@@ -32,12 +36,59 @@ def test_segment_graphs_match_eager_decode(family):
             eager.append(out.logits[:, -1].float())
         cache = fluxion.new_cache(m)
         m(input_ids=ids, past_key_values=cache, use_cache=True)
-        graphs = SegmentGraphs(m, cache.runtime, batch=2)
+        graphs = SegmentGraphs(m, cache.runtime, batch=2, whole_steps=whole_steps)
+        cache.runtime.reset_stats()
         for t in range(nxt.shape[1]):
             pos = torch.full((2, 1), ids.shape[1] + t, dtype=torch.long, device="cuda")
             graphed.append(graphs.step(nxt[:, t:t + 1], pos)[:, -1].float().clone())
+        assert cache.runtime.stats()["graph_steps"] == (nxt.shape[1] if whole_steps else 0)
     fluxion.disable(m)
     torch.testing.assert_close(torch.stack(graphed), torch.stack(eager), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("mode", ["full", "fluxion"])
+def test_whole_step_graphs_recapture_and_store_every_token(mode, monkeypatch):
+    """Whole-step graphs over 600 steps give the logits of the segment path (attention run eagerly) and leave
+    the host store byte-identical. The prompt starts with an empty retrieval region (300 < sink + local); the
+    frame tables outgrow the first capture (page_tokens=128) and the shared path takes five steps in the
+    middle: each of these recaptures, and the tokens stored through the page-locked staging slots all land."""
+    if not cuda_kernels_available():
+        pytest.skip("needs a GPU and Fluxion's CUDA kernels")
+    from fluxion.graphs import SegmentGraphs
+
+    captures = []
+    capture = SegmentGraphs._capture_whole
+    monkeypatch.setattr(SegmentGraphs, "_capture_whole",
+                        lambda self, rt, key: (captures.append(key), capture(self, rt, key)))
+    table = HeadTable(torch.tensor([[0.0, 0.2, 0.5, 0.1], [0.3, 0.0, 0.05, 1.0]]),
+                      torch.tensor([[16, 64], [32, 128]], dtype=torch.int32)) if mode == "fluxion" else None
+    cfg = FluxionConfig(mode=mode, head_table=table, page_tokens=128)
+    m = tiny_model("llama").to("cuda", torch.bfloat16)
+    ids, nxt = tokens(2, 300, seed=5).cuda(), tokens(2, 600, seed=6).cuda()
+    runs = []
+    with torch.no_grad(), fluxion.enabled(m, cfg):
+        for whole in (False, True):
+            cache = fluxion.new_cache(m)
+            rt = cache.runtime
+            m(input_ids=ids, past_key_values=cache, use_cache=True)
+            graphs = SegmentGraphs(m, rt, batch=2, whole_steps=whole)
+            rt.reset_stats()
+            logits = []
+            for t in range(nxt.shape[1]):
+                if t in (30, 35):  # five steps through the shared queue (CPU + GPU), then back
+                    rt.min_shared_volume = 0 if t == 30 else HybridAttentionRuntime.min_shared_volume
+                    rt.reconfigure(cfg)
+                pos = torch.full((2, 1), ids.shape[1] + t, dtype=torch.long, device="cuda")
+                logits.append(graphs.step(nxt[:, t:t + 1], pos)[:, -1].float().clone())
+            stored = [rt.store.gather(layer, s) for layer in range(rt.num_layers) for s in rt.seq_ids]
+            runs.append((torch.stack(logits), stored, rt.stats()))
+    (want, want_kv, _), (got, got_kv, st) = runs
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=0)
+    for (k0, v0), (k1, v1) in zip(want_kv, got_kv):
+        assert k0.shape[1] == 900 and torch.equal(k1, k0) and torch.equal(v1, v0)
+    assert st["graph_steps"] == 595 and st["decode_steps"] == 600 and st["bytes_pcie"] > 0
+    # first graph step, back from the shared path, past the frame capacity (3 + 4 pages of 128 tokens)
+    assert len(captures) == 3 and captures[2][1] > captures[1][1], captures
 
 
 def _generate(m, ids, mask, graphs: bool, new_tokens=12):

@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cstring>
 #include <limits>
+#include <string_view>
+#include <tuple>
 #include <thread>
 
 #include "core/cpu/retrieval.h"
@@ -44,6 +46,26 @@ c10::TypedOperatorHandle<Fn> op(const char* name) {
 }
 
 constexpr int64_t kCpuBytesPerThread = 256 << 10;
+
+// The per-head tables of a step, checked: budgets float32 in [0, 1], block sizes int32 in {16, 32, 64, 128},
+// both on the CPU with the given shapes. Returns contiguous tensors.
+std::pair<at::Tensor, at::Tensor> checked_plan_tables(const at::Tensor& budgets, const at::Tensor& block_sizes,
+                                                      at::IntArrayRef budget_shape, at::IntArrayRef size_shape,
+                                                      const char* budget_dims, const char* size_dims) {
+  check_dtype(budgets, at::kFloat, "budgets");
+  TORCH_CHECK(budgets.device().is_cpu() && budgets.sizes() == budget_shape, "budgets must be a CPU ", budget_dims,
+              " = ", budget_shape, " tensor, got ", shape_str(budgets), " on ", budgets.device());
+  check_dtype(block_sizes, at::kInt, "block_sizes");
+  TORCH_CHECK(block_sizes.device().is_cpu() && block_sizes.sizes() == size_shape, "block_sizes must be a CPU ",
+              size_dims, " = ", size_shape, " tensor, got ", shape_str(block_sizes), " on ", block_sizes.device());
+  at::Tensor bud = budgets.contiguous(), bsz = block_sizes.contiguous();
+  for (int64_t i = 0; i < bud.numel(); ++i) {
+    const float x = bud.data_ptr<float>()[i];
+    TORCH_CHECK(x >= 0.f && x <= 1.f, "budgets must be in [0, 1], got ", x);
+  }
+  for (int64_t i = 0; i < bsz.numel(); ++i) check_block_size(bsz.data_ptr<int32_t>()[i]);
+  return {bud, bsz};
+}
 
 }  // namespace
 
@@ -138,18 +160,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   TORCH_CHECK(q.device() == device, "q must be on the runtime's device ", device, ", got ", q.device());
   TORCH_CHECK(k.dim() == 4 && k.size(2) == 1, "decode takes one new token per sequence: k must be [B, Hkv, 1, D], got ",
               shape_str(k));
-  check_dtype(budgets, at::kFloat, "budgets");
-  TORCH_CHECK(budgets.device().is_cpu() && budgets.sizes() == at::IntArrayRef({B, Hq}),
-              "budgets must be a CPU [B, Hq] tensor, got ", shape_str(budgets), " on ", budgets.device());
-  check_dtype(block_sizes, at::kInt, "block_sizes");
-  TORCH_CHECK(block_sizes.device().is_cpu() && block_sizes.sizes() == at::IntArrayRef({B, Hkv}),
-              "block_sizes must be a CPU [B, Hkv] tensor, got ", shape_str(block_sizes));
-  const at::Tensor bud = budgets.contiguous(), bsz = block_sizes.contiguous();
-  for (int64_t i = 0; i < bud.numel(); ++i) {
-    const float x = bud.data_ptr<float>()[i];
-    TORCH_CHECK(x >= 0.f && x <= 1.f, "budgets must be in [0, 1], got ", x);
-  }
-  for (int64_t i = 0; i < bsz.numel(); ++i) check_block_size(bsz.data_ptr<int32_t>()[i]);
+  at::Tensor bud, bsz;
+  std::tie(bud, bsz) = checked_plan_tables(budgets, block_sizes, {B, Hq}, {B, Hkv}, "[B, Hq]", "[B, Hkv]");
   use_gpu = use_gpu && device.is_cuda();
   const bool on_gpu = device.is_cuda();
 
@@ -164,18 +176,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     // frames this step may touch, the new token's page included
     max_frames = std::max<int64_t>(max_frames, lens_before[size_t(b)] / store->store->layout().page_tokens + 1);
   }
-  const int64_t eb = 2;
-  std::vector<core::QueueTask> tasks;
-  for (int64_t g = 0; g < B * Hkv; ++g) {
-    const int64_t b = g / Hkv, bs = bsz.data_ptr<int32_t>()[g], n = lens_before[size_t(b)] + 1;
-    const auto r = core::retrieval_range(n, sink, local, bs);
-    int64_t kv = 0;
-    for (int64_t h = g % Hkv * G; h < (g % Hkv + 1) * G; ++h)
-      kv += core::budget_blocks(bud.data_ptr<float>()[b * Hq + h], n, bs, r.block_end - r.block_begin);
-    if (kv == 0) continue;
-    tasks.push_back({int32_t(g), (r.block_end - r.block_begin) * 2 * D * eb + kv * 2 * bs * D * eb});
-  }
-  core::TaskQueue queue(std::move(tasks));
+  core::TaskQueue queue(plan_tasks(lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>()));
   // A small step runs on the GPU alone, without waiting for the device: the host enqueues it and returns,
   // which keeps the GPU's queue full (a CPU share would need q on the host, i.e. a sync whose latency costs
   // more than the CPU saves). Larger steps share the queue between the CPU and the GPU.
@@ -387,6 +388,23 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   return merge_parts(outs, lses, t, t_step);
 }
 
+std::vector<core::QueueTask> HybridRuntime::plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
+                                                       const int32_t* block_sizes) const {
+  const int64_t B = int64_t(lens_before.size()), Hq = num_q_heads, Hkv = store->store->config().num_kv_heads,
+                D = store->store->config().head_dim, G = Hq / Hkv, eb = 2;
+  std::vector<core::QueueTask> tasks;
+  for (int64_t g = 0; g < B * Hkv; ++g) {
+    const int64_t b = g / Hkv, bs = block_sizes[g], n = lens_before[size_t(b)] + 1;
+    const auto r = core::retrieval_range(n, sink, local, bs);
+    int64_t kv = 0;
+    for (int64_t h = g % Hkv * G; h < (g % Hkv + 1) * G; ++h)
+      kv += core::budget_blocks(budgets[b * Hq + h], n, bs, r.block_end - r.block_begin);
+    if (kv == 0) continue;
+    tasks.push_back({int32_t(g), (r.block_end - r.block_begin) * 2 * D * eb + kv * 2 * bs * D * eb});
+  }
+  return tasks;
+}
+
 at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
                                       Clock::time_point merge_start, Clock::time_point step_start) {
   at::Tensor out = outs.front();
@@ -396,6 +414,179 @@ at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const
   step_s += since(step_start);
   ++steps;
   return out;
+}
+
+// ---- whole-step CUDA graph -------------------------------------------------------------------------
+
+#ifdef FLUXION_WITH_CUDA
+// Completion of one graph step's enqueued work; the step's deferred store writes wait on it.
+struct GraphStepEvent {
+  cudaEvent_t event = nullptr;
+  bool recorded = false;
+  GraphStepEvent() { C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
+  ~GraphStepEvent() { cudaEventDestroy(event); }
+  void wait() const {
+    // Not recorded: graph_end never ran (the step failed on the way); everything enqueued has to land.
+    if (recorded) C10_CUDA_CHECK(cudaEventSynchronize(event));
+    else C10_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+};
+#else
+struct GraphStepEvent {};
+#endif
+
+std::tuple<int64_t, int64_t, int64_t> HybridRuntime::graph_begin(const std::vector<int64_t>& ids,
+                                                                 const at::Tensor& budgets,
+                                                                 const at::Tensor& block_sizes) {
+#ifndef FLUXION_WITH_CUDA
+  TORCH_CHECK(false, "graph steps need a CUDA build of fluxion (FLUXION_CUDA=1)");
+  return {0, 0, 0};
+#else
+  TORCH_CHECK(device.is_cuda(), "graph steps need a runtime on a CUDA device, this one runs on ", device);
+  TORCH_CHECK(!graph_.begun, "graph_begin: the previous graph step was not closed with graph_end");
+  store->check_seqs(ids);
+  const auto& cfg = store->store->config();
+  const int64_t L = cfg.num_layers, B = int64_t(ids.size()), Hq = num_q_heads, Hkv = cfg.num_kv_heads,
+                D = cfg.head_dim, G = Hq / Hkv, P = store->store->layout().page_tokens;
+  TORCH_CHECK(B > 0, "ids must not be empty");
+  at::Tensor bud, bsz;
+  std::tie(bud, bsz) =
+      checked_plan_tables(budgets, block_sizes, {L, B, Hq}, {L, B, Hkv}, "[L, B, Hq]", "[L, B, Hkv]");
+  const float* bud_p = bud.data_ptr<float>();
+  const int32_t* bsz_p = bsz.data_ptr<int32_t>();
+
+  // Is every layer's step a GPU-alone step? (Checked before anything changes.)
+  store->flush_pending();  // the previous step's tokens: its graph has finished with the staging slots
+  std::vector<std::vector<int32_t>> lens(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(B)));
+  int64_t frames = 1;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int64_t b = 0; b < B; ++b) {
+      lens[size_t(l)][size_t(b)] = int32_t(store->store->seq_len(int(l), int(ids[size_t(b)])));
+      frames = std::max<int64_t>(frames, lens[size_t(l)][size_t(b)] / P + 1);
+    }
+    int64_t volume = 0;
+    for (const auto& task : plan_tasks(lens[size_t(l)], bud_p + l * B * Hq, bsz_p + l * B * Hkv)) volume += task.volume;
+    if (cpu_retrieval && volume >= min_shared_volume) return {0, 0, 0};
+  }
+
+  // Buffers: reallocated when the batch changes or the frame tables outgrow them (with room to grow, so that
+  // a long generation recaptures only every ~25% of growth).
+  if (ids != graph_.ids || frames > graph_.frame_capacity) {
+    graph_.ids = ids;
+    graph_.frame_capacity = frames + std::max<int64_t>(4, frames / 4);
+    graph_.row = 2 * B + B * Hq + 2 * B * Hkv + B * graph_.frame_capacity;
+    graph_.plan_host = at::empty({L, graph_.row}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    graph_.plan_dev = at::empty({L, graph_.row}, at::TensorOptions().dtype(at::kInt).device(device));
+    graph_.staging = at::empty({L, 2, B, Hkv, 1, D}, at::TensorOptions().dtype(store->scalar_type()).pinned_memory(true));
+  }
+  if (!graph_bytes_.defined()) graph_bytes_ = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(device));
+
+  // Reserve the new token's positions in every layer; the writes wait for this step's work to finish.
+  auto done = std::make_shared<GraphStepEvent>();
+  for (int64_t l = 0; l < L; ++l)
+    store->append_deferred(l, ids, graph_.staging[l][0], graph_.staging[l][1], [done] { done->wait(); });
+
+  // Each layer's plan row: [lens before B | lens after B | budgets B*Hq (fp32 bits) | block sizes B*Hkv |
+  // groups B*Hkv (the first num_groups used) | frame table B*F]. The retrieval groups are every group with a
+  // non-zero budget, whatever the length (a group with no candidate block yet is an empty task), so the
+  // captured launches fit every step until the tables change.
+  const int64_t F = graph_.frame_capacity, o_bud = 2 * B, o_bsz = o_bud + B * Hq, o_groups = o_bsz + B * Hkv,
+                o_frames = o_groups + B * Hkv;
+  graph_.num_groups.assign(size_t(L), 0);
+  for (int64_t l = 0; l < L; ++l) {
+    int32_t* ph = graph_.plan_host.data_ptr<int32_t>() + l * graph_.row;
+    for (int64_t b = 0; b < B; ++b) {
+      ph[b] = lens[size_t(l)][size_t(b)];
+      ph[B + b] = lens[size_t(l)][size_t(b)] + 1;
+    }
+    std::memcpy(ph + o_bud, bud_p + l * B * Hq, size_t(B * Hq) * 4);
+    std::memcpy(ph + o_bsz, bsz_p + l * B * Hkv, size_t(B * Hkv) * 4);
+    int64_t n = 0;
+    for (int64_t g = 0; g < B * Hkv; ++g) {
+      const float* gb = bud_p + l * B * Hq + g * G;  // the group's G heads are consecutive in [B, Hq]
+      if (std::any_of(gb, gb + G, [](float x) { return x > 0.f; })) ph[o_groups + n++] = int32_t(g);
+    }
+    std::fill(ph + o_groups + n, ph + o_frames, 0);
+    graph_.num_groups[size_t(l)] = n;
+    gpu_tasks += n;
+    std::fill(ph + o_frames, ph + o_frames + B * F, 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& fr = store->store->frames(int(l), int(ids[size_t(b)]));
+      std::copy(fr.begin(), fr.end(), ph + o_frames + b * F);
+    }
+  }
+  graph_.done = done;
+  graph_.begun = true;
+  steps += L;
+  gpu_alone_steps += L;
+  ++graph_steps_;
+  // The captured launches depend on the tables only through the group lists and block sizes; hash all of it.
+  const std::string_view tables(reinterpret_cast<const char*>(bud_p), size_t(bud.numel()) * 4);
+  const std::string_view sizes(reinterpret_cast<const char*>(bsz_p), size_t(bsz.numel()) * 4);
+  const int64_t signature =
+      int64_t(std::hash<std::string_view>{}(tables) ^ (std::hash<std::string_view>{}(sizes) * 31u) ^ size_t(B));
+  return {F, store->store->committed_frames(), signature};
+#endif
+}
+
+at::Tensor HybridRuntime::graph_step(int64_t layer, at::Tensor& k_win_l, at::Tensor& v_win_l, const at::Tensor& q,
+                                     const at::Tensor& k, const at::Tensor& v, double scale) {
+#ifndef FLUXION_WITH_CUDA
+  TORCH_CHECK(false, "graph steps need a CUDA build of fluxion (FLUXION_CUDA=1)");
+  return {};
+#else
+  TORCH_CHECK(graph_.begun, "graph_step must come between graph_begin and graph_end");
+  store->check_layer(layer);
+  const auto& cfg = store->store->config();
+  const int64_t B = int64_t(graph_.ids.size()), Hq = num_q_heads, Hkv = cfg.num_kv_heads, D = cfg.head_dim;
+  const auto dt = store->scalar_type();
+  TORCH_CHECK(q.sizes() == at::IntArrayRef({B, Hq, D}) && q.device() == device && q.scalar_type() == dt,
+              "q must be [B, Hq, D] = [", B, ", ", Hq, ", ", D, "] ", dt, " on ", device, ", got ", shape_str(q), " ",
+              q.scalar_type(), " on ", q.device());
+  for (const auto* t : {&k, &v})
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({B, Hkv, D}) && t->is_contiguous() && t->device() == device &&
+                    t->scalar_type() == dt,
+                "k and v must be contiguous [B, Hkv, D] = [", B, ", ", Hkv, ", ", D, "] ", dt, " on ", device, ", got ",
+                shape_str(*t), " ", t->scalar_type(), " on ", t->device());
+  TORCH_CHECK(k_win_l.dim() == 4 && k_win_l.size(0) == B && k_win_l.size(2) == sink + local && k_win_l.device() == device,
+              "k_win must be [B, Hkv, sink + local, D] on ", device, ", got ", shape_str(k_win_l));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  // Raw copies: the buffers are page-locked already, and torch's pinned-copy bookkeeping is not needed here.
+  if (layer == 0)
+    C10_CUDA_CHECK(cudaMemcpyAsync(graph_.plan_dev.data_ptr(), graph_.plan_host.data_ptr(),
+                                   size_t(graph_.plan_host.nbytes()), cudaMemcpyHostToDevice, stream));
+  const at::Tensor slot = graph_.staging[layer];
+  const size_t token_bytes = size_t(B * Hkv * D) * 2;
+  C10_CUDA_CHECK(cudaMemcpyAsync(slot[0].data_ptr(), k.data_ptr(), token_bytes, cudaMemcpyDeviceToHost, stream));
+  C10_CUDA_CHECK(cudaMemcpyAsync(slot[1].data_ptr(), v.data_ptr(), token_bytes, cudaMemcpyDeviceToHost, stream));
+
+  const at::Tensor row = graph_.plan_dev[layer];
+  const int64_t F = graph_.frame_capacity, o_bud = 2 * B, o_bsz = o_bud + B * Hq, o_groups = o_bsz + B * Hkv,
+                o_frames = o_groups + B * Hkv, n = graph_.num_groups[size_t(layer)];
+  const at::Tensor lens_dev = row.narrow(0, B, B);
+  op<WindowAppendFn>("fluxion::window_append")
+      .call(k_win_l, v_win_l, k.unsqueeze(2), v.unsqueeze(2), row.narrow(0, 0, B).unsqueeze(1), sink);
+  auto [o_dense, lse_dense] =
+      op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev, sink, scale);
+  if (n == 0) return o_dense;
+  auto [o, l, nbytes] = op<RetrievalFn>("fluxion::retrieval_attention")
+                            .call(q, store->arena_view(), row.narrow(0, o_frames, B * F).view({B, F}), lens_dev,
+                                  row.narrow(0, o_bud, B * Hq).view(at::kFloat).view({B, Hq}),
+                                  row.narrow(0, o_bsz, B * Hkv).view({B, Hkv}), row.narrow(0, o_groups, n),
+                                  store->store->layout().page_tokens, sink, local, scale);
+  graph_bytes_.add_(nbytes.sum());
+  return std::get<0>(
+      op<MergeFn>("fluxion::merge_attention_states").call(at::stack({o_dense, o}), at::stack({lse_dense, l})));
+#endif
+}
+
+void HybridRuntime::graph_end() {
+#ifdef FLUXION_WITH_CUDA
+  TORCH_CHECK(graph_.begun, "graph_end without graph_begin");
+  C10_CUDA_CHECK(cudaEventRecord(graph_.done->event, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+  graph_.done->recorded = true;
+  graph_.begun = false;
+#endif
 }
 
 c10::Dict<std::string, double> HybridRuntime::stats() const {
@@ -413,8 +604,10 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
   d.insert("cpu_tasks", double(cpu_tasks));
   d.insert("gpu_tasks", double(gpu_tasks));
   d.insert("cpu_bytes", double(cpu_bytes));
-  d.insert("gpu_bytes", double(gpu_bytes + (gpu_bytes_pending.defined() ? gpu_bytes_pending.item<int64_t>() : 0)));
+  d.insert("gpu_bytes", double(gpu_bytes + (gpu_bytes_pending.defined() ? gpu_bytes_pending.item<int64_t>() : 0) +
+                                (graph_bytes_.defined() ? graph_bytes_.item<int64_t>() : 0)));
   d.insert("gpu_alone_steps", double(gpu_alone_steps));
+  d.insert("graph_steps", double(graph_steps_));
   // The GPU is busy with retrieval only while a batch runs; the window kernel is small in comparison.
   // GPU-alone steps count as busy: the host never makes the GPU wait for it there.
   d.insert("gpu_idle_ratio", retrieval_s > 0 ? std::max(0.0, shared_retrieval_s - gpu_busy_s) / retrieval_s : 1.0);
@@ -424,6 +617,8 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
 void HybridRuntime::reset_stats() {
   steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = gpu_alone_steps = 0;
   gpu_bytes_pending = at::Tensor();
+  graph_steps_ = 0;
+  if (graph_bytes_.defined()) graph_bytes_.zero_();
   append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
 }
 
@@ -449,6 +644,13 @@ void register_hybrid_runtime(torch::Library& m) {
              self->cpu_retrieval = cpu_retrieval;
              self->min_shared_volume = min_shared_volume;
            })
+      .def("graph_begin", &HybridRuntime::graph_begin)
+      .def("graph_step",
+           [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer, at::Tensor k_win, at::Tensor v_win,
+              const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+             return self->graph_step(layer, k_win, v_win, q, k, v, scale);
+           })
+      .def("graph_end", &HybridRuntime::graph_end)
       .def("stats", &HybridRuntime::stats)
       .def("reset_stats", &HybridRuntime::reset_stats)
       .def("window", [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer) {

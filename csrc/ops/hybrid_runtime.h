@@ -22,6 +22,8 @@
 
 namespace fluxion::ops {
 
+struct GraphStepEvent;  // hybrid_runtime.cpp: the completion event of one graph step
+
 struct HybridRuntime : torch::CustomClassHolder {
   c10::intrusive_ptr<StoreHolder> store;
   int64_t num_q_heads = 0, sink = 64, local = 256;
@@ -62,7 +64,44 @@ struct HybridRuntime : torch::CustomClassHolder {
   c10::Dict<std::string, double> stats() const;
   void reset_stats();
 
+  // ---- The whole decode step as one CUDA graph (fluxion/graphs.py), for steps that run on the GPU alone.
+  // Per step: graph_begin() on the host (flushes the previous step's tokens into the store, reserves this
+  // step's positions in every layer, writes every layer's plan into one page-locked buffer), then the captured
+  // work (or the same calls run eagerly): graph_step(0), ..., graph_step(L-1) between the model's segments,
+  // then graph_end() once the work is enqueued. graph_step does no host work that depends on the step: it
+  // uploads the plan (layer 0), copies the new K/V to a page-locked staging slot of its layer (written into
+  // the store by the next graph_begin or reader), and runs window append, window attention, retrieval over
+  // the store in place and the merge, all on the current stream.
+  //
+  // graph_begin(ids, budgets [L, B, Hq] float32, block_sizes [L, B, Hkv] int32, both CPU) returns
+  // (frame_capacity, committed_frames, plan_signature): a graph captured under an equal triple (and the same
+  // windows) replays correctly; frame_capacity 0 means this step is not a GPU-alone step (nothing was
+  // reserved; run the ordinary step).
+  std::tuple<int64_t, int64_t, int64_t> graph_begin(const std::vector<int64_t>& ids, const at::Tensor& budgets,
+                                                    const at::Tensor& block_sizes);
+  at::Tensor graph_step(int64_t layer, at::Tensor& k_win, at::Tensor& v_win, const at::Tensor& q,
+                        const at::Tensor& k, const at::Tensor& v, double scale);
+  void graph_end();
+
  private:
+  // Retrieval tasks of one layer step (groups with work for sequences of lens_before[b] + 1 tokens),
+  // largest data volume first.
+  std::vector<core::QueueTask> plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
+                                          const int32_t* block_sizes) const;
+
+  // Buffers of the graph step, kept while the batch, the frame capacity and the plan shape stay the same.
+  struct GraphPlan {
+    std::vector<int64_t> ids;
+    int64_t frame_capacity = 0, row = 0;  // frames per sequence in the plan; int32 words per layer
+    at::Tensor plan_host, plan_dev;       // [L, row] int32, page-locked / on `device`
+    at::Tensor staging;                   // [L, 2, B, Hkv, 1, D] page-locked: each layer's new K/V
+    std::vector<int64_t> num_groups;      // per layer: retrieval groups (those with a non-zero budget)
+    std::shared_ptr<GraphStepEvent> done;  // recorded by graph_end; the deferred writes wait on it
+    bool begun = false;
+  } graph_;
+  at::Tensor graph_bytes_;  // bytes read by graph steps' retrieval, summed on the device
+  int64_t graph_steps_ = 0;
+
   // Merges the step's (out, lse) parts (window first) and closes the step's timers.
   at::Tensor merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
                          std::chrono::steady_clock::time_point merge_start,
