@@ -315,17 +315,17 @@ def reference_retrieval(case, budgets, block_sizes, sink, local, groups):
         n, bs = case.lens[b], int(block_sizes[b, kvh])
         scores = R.quest_scores(case.q[b, kvh * G:(kvh + 1) * G], case.k[b, kvh], n, bs, sink, local)
         ncand = len(R.candidate_blocks(n, sink, local, bs))
-        union, any_k = set(), False
+        union, scored = set(), False
         for i in range(G):
             h = kvh * G + i
             kk = R.num_budget_blocks(float(budgets[b, h]), n, bs, ncand)
             if kk == 0:
                 continue
-            any_k = True
+            scored |= kk < ncand  # metadata is read only where some head takes a strict subset
             sel = [j for j in R.topk_blocks(scores[i], kk).tolist() if j >= 0]
             union |= set(sel)
             mask[b, h] = block_mask(n, nmax, sel, bs, sink, local)
-        nbytes[b, kvh] = (ncand * 2 * D * 2 if any_k else 0) + len(union) * 2 * bs * D * 2
+        nbytes[b, kvh] = (ncand * 2 * D * 2 if scored else 0) + len(union) * 2 * bs * D * 2
     return mask, nbytes
 
 

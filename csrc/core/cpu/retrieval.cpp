@@ -1,6 +1,7 @@
 #include "core/cpu/retrieval.h"
 
 #include <algorithm>
+#include <numeric>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -231,6 +232,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     RetrievalRange range;
     int64_t ncand = 0;
     std::vector<int64_t> k;
+    bool scored = false;  // some head takes a strict subset of the candidates: scores (metadata) needed
     int64_t score_off = 0, sel_off = 0;
     std::vector<int64_t> sel_count;
     std::vector<int32_t> blocks;  // union of the heads' selections, absolute block ids, ascending
@@ -255,10 +257,14 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     }
     p.sel_count.assign(size_t(G), 0);
     if (ksum == 0) continue;
-    p.score_off = score_total;
-    score_total += G * p.ncand;
     p.sel_off = sel_total;
     sel_total += ksum;
+    // A head that takes every candidate needs no scores; a task none of whose heads takes a strict subset
+    // (dense heads, mode 'full') reads no metadata.
+    p.scored = std::any_of(p.k.begin(), p.k.end(), [&](int64_t k) { return k > 0 && k < p.ncand; });
+    if (!p.scored) continue;
+    p.score_off = score_total;
+    score_total += G * p.ncand;
     for (int64_t c = 0; c < p.ncand; c += kScoreChunkBlocks) score_items.emplace_back(t, c);
   }
   std::vector<QueryScratch> qscratch(static_cast<size_t>(n));
@@ -285,6 +291,11 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     if (p.k[h] == 0) return;
     int64_t off = p.sel_off;
     for (int hh = 0; hh < h; ++hh) off += p.k[hh];
+    if (!p.scored) {  // k == ncand: every candidate
+      std::iota(&sel[size_t(off)], &sel[size_t(off)] + p.k[h], int32_t(0));
+      p.sel_count[h] = p.k[h];
+      return;
+    }
     p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)], tmp[w]);
   });
 
@@ -312,8 +323,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     for (int64_t i = 0; i < int64_t(p.blocks.size()); i += per_item) items.emplace_back(t, i);
     p.item_end = int64_t(items.size());
     if (tasks[t].bytes_read) {
-      const bool scanned = !p.blocks.empty() || std::any_of(p.k.begin(), p.k.end(), [](int64_t k) { return k > 0; });
-      *tasks[t].bytes_read = (scanned ? p.ncand * 2 * D * eb : 0) +
+      *tasks[t].bytes_read = (p.scored ? p.ncand * 2 * D * eb : 0) +
                              int64_t(p.blocks.size()) * 2 * tasks[t].block_size * D * eb;
     }
   }

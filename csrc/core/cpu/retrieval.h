@@ -34,7 +34,8 @@ struct GroupTask {
   const float* budgets = nullptr;  // [G] fraction of the sequence's tokens; 0 = streaming head
   float* out = nullptr;            // [G, D] fp32
   float* lse = nullptr;            // [G] fp32, natural log; -inf for heads that selected nothing
-  int64_t* bytes_read = nullptr;   // optional: metadata scanned + K/V of the union of selected blocks
+  int64_t* bytes_read = nullptr;   // optional: metadata scanned (only where some head takes a strict subset of
+                                   // the candidates) + K/V of the union of selected blocks
 };
 
 // Wall time of run_group_tasks' phases, added to (for per-step statistics).

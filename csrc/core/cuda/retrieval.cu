@@ -69,6 +69,18 @@ __device__ __forceinline__ bool any_head_retrieves(const float* budgets, int b, 
   return __syncthreads_or(mine) != 0;
 }
 
+// True when some head of the group takes a strict subset of the candidates: only then are scores needed (a
+// head that takes every candidate selects all of them without; dense heads read no metadata).
+__device__ __forceinline__ bool heads_need_scores(const float* budgets, int b, int kvh, int G, int Hq, int64_t n,
+                                                  int bs, int64_t ncand) {
+  bool mine = false;
+  if (int(threadIdx.x) < G) {
+    const int64_t k = budget_blocks(budgets[int64_t(b) * Hq + kvh * G + threadIdx.x], n, bs, ncand);
+    mine = k > 0 && k < ncand;
+  }
+  return __syncthreads_or(mine) != 0;
+}
+
 // ------------------------------------------------------------------------------------------------------
 // init: out = 0, lse = -inf, bytes = 0.
 
@@ -130,6 +142,12 @@ __global__ void __launch_bounds__(kScoreThreads) score_kernel(const ScoreArgs a)
   if (a.budgets &&
       !any_head_retrieves(a.budgets, b, kvh, G, a.Hq, n, bs, rr.block_end - rr.block_begin))
     return;
+  if (a.budgets && !heads_need_scores(a.budgets, b, kvh, G, a.Hq, n, bs, rr.block_end - rr.block_begin)) {
+    // Every retrieving head takes every candidate: equal scores select them all, no metadata read.
+    for (int64_t i = threadIdx.x; i < int64_t(G) * (hi - lo); i += blockDim.x)
+      rows[(i / (hi - lo)) * a.row_stride + lo + i % (hi - lo)] = 0.f;
+    return;
+  }
   {
     const T* qg = static_cast<const T*>(a.q) + (int64_t(b) * a.Hq + int64_t(kvh) * G) * D;
     for (int i = threadIdx.x; i < G * D; i += blockDim.x) q_s[i] = to_float<T>(qg[i]);
@@ -401,8 +419,11 @@ __global__ void __launch_bounds__(kUnionThreads) union_kernel(const UnionArgs a)
   const int64_t n = clamped_len(a.view, b);
   const RetrievalRange rr = retrieval_range(n, a.sink, a.local, bs);
   const int64_t ncand = rr.block_end - rr.block_begin;
-  bool scanned = true;
-  if (a.budgets) scanned = ncand > 0 && any_head_retrieves(a.budgets, b, kvh, a.G, a.Hq, n, bs, ncand);
+  bool scanned = true, scored = false;
+  if (a.budgets) {
+    scanned = ncand > 0 && any_head_retrieves(a.budgets, b, kvh, a.G, a.Hq, n, bs, ncand);
+    scored = scanned && heads_need_scores(a.budgets, b, kvh, a.G, a.Hq, n, bs, ncand);
+  }
   int64_t count = 0;
   if (scanned) {
     const uint64_t* masks = a.masks + int64_t(task) * a.mask_stride;
@@ -434,7 +455,7 @@ __global__ void __launch_bounds__(kUnionThreads) union_kernel(const UnionArgs a)
     if (a.bytes_read) {
       const int64_t D = a.view.layout.head_dim, eb = 2;
       a.bytes_read[int64_t(b) * a.src.num_kv_heads + kvh] =
-          (scanned ? ncand * 2 * D * eb : 0) + count * 2 * int64_t(bs) * D * eb;
+          (scored ? ncand * 2 * D * eb : 0) + count * 2 * int64_t(bs) * D * eb;
     }
   }
 }

@@ -86,14 +86,15 @@ cudaError_t sparse_attention(const SparseAttentionParams& p, void* workspace, cu
 
 // ---- retrieval_attention -----------------------------------------------------------------------------
 // The retrieval task for the KV-head groups g = b * Hkv + kv_head listed in groups[0..num_groups):
-// Quest scores of the group's candidate blocks at BS = block_sizes[g] (metadata read once for all heads,
-// skipped when no head of the group retrieves), k_h = budget_blocks(budgets[b, h], N, BS, #candidates)
-// per head, top-k per head, then attention over the union of the heads' blocks, each block read once per
+// Quest scores of the group's candidate blocks at BS = block_sizes[g] (metadata read once for all heads;
+// skipped when no head of the group retrieves or each retrieving head takes every candidate),
+// k_h = budget_blocks(budgets[b, h], N, BS, #candidates) per head, top-k per head, then attention over the union of the heads' blocks, each block read once per
 // group (per slice of 8 heads when G > 8), split-K + LSE merge.
 //   budgets [B, Hq] float32, block_sizes [B, Hkv] int32, groups [num_groups] int32 (device);
 //   out [B, Hq, D] float32, lse [B, Hq] float32, bytes_read [B, Hkv] int64 (all written: heads of groups
-//   not listed get out 0 / lse -inf / bytes 0). bytes_read = (any k_h > 0 ? #candidates * 2 * D * 2 : 0)
-//   + |union| * 2 * BS * D * 2, the same count as the CPU kernel.
+//   not listed get out 0 / lse -inf / bytes 0).
+//   bytes_read = (some 0 < k_h < #candidates ? #candidates * 2 * D * 2 : 0) + |union| * 2 * BS * D * 2, the
+//   same count as the CPU kernel.
 struct RetrievalAttentionParams {
   PagedKV kv;
   const float* budgets = nullptr;
