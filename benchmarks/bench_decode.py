@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, h2d_bandwidth, host_read_bandwidth, write_rows  # noqa: E402
+from common import combined_read_bandwidth, environment, h2d_bandwidth, host_read_bandwidth, write_rows  # noqa: E402
 
 import fluxion  # noqa: E402
 
@@ -205,12 +205,14 @@ def graph_floor(model, batch: int, context: int, a):
 
 
 def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: float, tpot: float,
-                   floor: float | None) -> dict:
+                   floor: float | None, both_bw: float | None = None) -> dict:
     """The attention step of one decode step (all layers) against the roofline of the devices it may use:
     bytes touched / host-read GB/s for 'fixed' (CPU retrieval only), bytes / (host-read + PCIe GB/s) otherwise.
     Its time is the C++ step's host-measured step_s, which includes every wait for the device. Layer steps
     that ran on the GPU alone (gpu_alone_steps) never wait: their host time is only the enqueueing, so there
-    the attention time is taken as TPOT minus the whole-step graph floor (which holds the non-attention work)."""
+    the attention time is taken as TPOT minus the whole-step graph floor (which holds the non-attention work).
+    of_both_ceiling: the same bytes against the rate both devices reached reading host memory at once
+    (combined_read_bandwidth), for the modes that use both."""
     nbytes = per.get("bytes_cpu", 0.0) + per.get("bytes_pcie", 0.0)
     ceiling = host_bw if mode.startswith("fixed") or not pcie_bw else host_bw + pcie_bw
     roofline = nbytes / (ceiling * 1e9)
@@ -218,8 +220,10 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     source = "step_s"
     if per.get("gpu_alone_steps", 0) > 0 and floor is not None:
         step, source = max(step, tpot - floor), "tpot-floor"
+    shared_ceiling = host_bw if mode.startswith("fixed") or not both_bw else max(both_bw, host_bw)
+    of_both = nbytes / (shared_ceiling * 1e9) / step if step > 0 else 0.0
     return dict(attention_ms=step * 1e3, attention_from=source, mb_per_step=nbytes / 1e6,
-                roofline_ms=roofline * 1e3, of_roofline=roofline / step if step > 0 else 0.0,
+                roofline_ms=roofline * 1e3, of_roofline=roofline / step if step > 0 else 0.0, of_both_ceiling=of_both,
                 gpu_idle_ratio=stats.get("gpu_idle_ratio", 1.0))
 
 
@@ -266,8 +270,12 @@ def main(argv=None) -> int:
     threads = fluxion.FluxionConfig().resolved_cpu_threads() if a.device.startswith("cuda") else torch.get_num_threads()
     host_bw = host_read_bandwidth(threads, gib=1.0 if a.tiny else 2.0, min_run_time=0.3)["ceiling"]
     pcie_bw = h2d_bandwidth() if a.device.startswith("cuda") else 0.0
-    print(f"ceilings: host read {host_bw:.1f} GB/s ({threads} threads), page-locked H2D {pcie_bw:.1f} GB/s")
-    env.update(host_read_gbps=host_bw, h2d_gbps=pcie_bw, cpu_threads=threads)
+    both = combined_read_bandwidth(threads) if a.device.startswith("cuda") and fluxion._C is not None else None
+    print(f"ceilings: host read {host_bw:.1f} GB/s ({threads} threads), page-locked H2D {pcie_bw:.1f} GB/s"
+          + (f"; both at once {both['total']:.1f} GB/s (CPU {both['cpu']:.1f} + PCIe {both['pcie']:.1f}: the "
+             "two share host DRAM)" if both else ""))
+    env.update(host_read_gbps=host_bw, h2d_gbps=pcie_bw, cpu_threads=threads,
+               both_read_gbps=both["total"] if both else None)
     rows = []
     floors = {}
     if "graph-floor" in a.modes and a.device.startswith("cuda"):
@@ -302,10 +310,12 @@ def main(argv=None) -> int:
                 p50, p99 = statistics.median(times), pct(times, 0.99)
                 per = stats.get("per_step", {}) if stats else {}
                 brk = " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in per.items() if k.endswith("_s"))
-                attn = attention_step(mode, per, stats, host_bw, pcie_bw, p50, floors.get(b)) if per else {}
+                attn = (attention_step(mode, per, stats, host_bw, pcie_bw, p50, floors.get(b),
+                                       both["total"] if both else None) if per else {})
                 eff = (f"  | attention {attn['attention_ms']:.2f}ms"
                        f"{' (TPOT - floor)' if attn['attention_from'] != 'step_s' else ''}, {attn['mb_per_step']:.0f} MB, roofline "
-                       f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%}, GPU idle "
+                       f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%} ({attn['of_both_ceiling']:.0%} of the "
+                       f"both-at-once ceiling), GPU idle "
                        f"{attn['gpu_idle_ratio']:.0%}, whole-step graphs {stats.get('graph_steps', 0)}/"
                        f"{stats.get('decode_steps', 0)} steps") if attn else ""
                 vs_floor = f"  ({p50 / floors[b]:.2f}x the graph floor)" if b in floors else ""

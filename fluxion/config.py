@@ -128,7 +128,8 @@ class FluxionConfig:
                     static CPU/GPU split by ``gpu_share`` (a readable twin, tested equal on the CPU).
     cuda_graphs:    run decode steps (one new token per sequence) through CUDA-graph segments: the GPU work
                     between attention calls replays as captured graphs, only the hybrid attention runs eagerly
-                    (:class:`fluxion.graphs.SegmentGraphs`). None = on when the model is on a CUDA device;
+                    (:class:`fluxion.graphs.SegmentGraphs`); a step whose attention runs on the GPU alone in every
+                    layer replays as one whole-step graph. None = on when the model is on a CUDA device;
                     True requires that; False = HF's eager forward for every step.
     head_table:     see :class:`HeadTable`; shapes are checked against the model by :meth:`validate_for`.
     """
