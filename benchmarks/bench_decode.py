@@ -71,7 +71,7 @@ def synthetic_table(cfg, seed: int) -> fluxion.HeadTable:
 
 
 def fluxion_config(mode: str, cfg, a) -> fluxion.FluxionConfig:
-    common = dict(decode_backend=a.backend, cuda_graphs=False if a.no_graphs else None)
+    common = dict(decode_backend=a.backend, cuda_graphs=False if a.no_graphs else None, cpu_threads=a.cpu_threads)
     if mode == "full":
         return fluxion.FluxionConfig(mode="full", **common)
     if mode.startswith(("fixed", "share")):
@@ -249,6 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-whole-steps", action="store_true",
                    help="keep Fluxion's attention outside the CUDA graphs even where a step runs on the GPU alone")
     p.add_argument("--table-seed", type=int, default=0)
+    p.add_argument("--cpu-threads", type=int, default=None, help="FluxionConfig.cpu_threads (default: all cores but one)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, metavar="DIR",
@@ -267,7 +268,8 @@ def main(argv=None) -> int:
     model = build_model(a.model, a.layers, a.device, dtype)
     # Ceilings of the attention step, measured in this run: host streaming read on the threads fluxion.enable
     # gives the CPU kernels, and page-locked host -> device copies (PCIe).
-    threads = fluxion.FluxionConfig().resolved_cpu_threads() if a.device.startswith("cuda") else torch.get_num_threads()
+    threads = (fluxion.FluxionConfig(cpu_threads=a.cpu_threads).resolved_cpu_threads() if a.device.startswith("cuda")
+               else torch.get_num_threads())
     host_bw = host_read_bandwidth(threads, gib=1.0 if a.tiny else 2.0, min_run_time=0.3)["ceiling"]
     pcie_bw = h2d_bandwidth() if a.device.startswith("cuda") else 0.0
     both = combined_read_bandwidth(threads) if a.device.startswith("cuda") and fluxion._C is not None else None

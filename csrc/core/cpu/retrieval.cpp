@@ -18,8 +18,15 @@ namespace fluxion::core::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kScoreChunkBlocks = 512;      // metadata rows per scoring work item
-constexpr int64_t kAttendChunkBytes = 128 << 10;  // K/V bytes per attention work item
+constexpr int64_t kScoreChunkBlocks = 512;      // metadata rows per scoring work item (at most)
+constexpr int64_t kAttendChunkBytes = 128 << 10;  // K/V bytes per attention work item (at most)
+
+// Size of a phase's work items: large enough to amortise per-item costs, small enough that a small batch (the
+// CPU's share of a layer step near the end of the queue is often one or two tasks) still gives every thread
+// a few items to balance with.
+int64_t item_size(int64_t total, int threads, int64_t lo, int64_t hi) {
+  return std::clamp<int64_t>(total / (4 * int64_t(std::max(threads, 1))), lo, hi);
+}
 
 // How far ahead the kernels prefetch, in bytes of the runs they read next (FLUXION_PREFETCH_BYTES overrides
 // the default, for tuning; 0 turns prefetching off). Measured on the 2-core dev VM: prefetching the run
@@ -237,7 +244,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     std::vector<int64_t> sel_count;
     std::vector<int32_t> blocks;  // union of the heads' selections, absolute block ids, ascending
     std::vector<uint64_t> masks;
-    int64_t item_begin = 0, item_end = 0;
+    int64_t item_begin = 0, item_end = 0, per_item = 1;  // attention work items: [begin, end), blocks each
   };
   std::vector<Plan> plans(static_cast<size_t>(n));
   int64_t score_total = 0, sel_total = 0;
@@ -265,8 +272,12 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     if (!p.scored) continue;
     p.score_off = score_total;
     score_total += G * p.ncand;
-    for (int64_t c = 0; c < p.ncand; c += kScoreChunkBlocks) score_items.emplace_back(t, c);
   }
+  int64_t scored_blocks = 0;
+  for (int64_t t = 0; t < n; ++t) scored_blocks += plans[t].scored ? plans[t].ncand : 0;
+  const int64_t score_chunk = item_size(scored_blocks, ex.num_threads, 64, kScoreChunkBlocks);
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t c = 0; plans[t].scored && c < plans[t].ncand; c += score_chunk) score_items.emplace_back(t, c);
   std::vector<QueryScratch> qscratch(static_cast<size_t>(n));
   std::vector<PreparedQuery> queries(static_cast<size_t>(n));
   std::vector<float> scores(static_cast<size_t>(score_total));
@@ -277,7 +288,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   for_each_dynamic(ex, int64_t(score_items.size()), [&](int64_t i, int) {
     const auto [t, c] = score_items[size_t(i)];
     const Plan& p = plans[t];
-    const int64_t begin = p.range.block_begin + c, end = std::min(begin + kScoreChunkBlocks, p.range.block_end);
+    const int64_t begin = p.range.block_begin + c, end = std::min(begin + score_chunk, p.range.block_end);
     score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
                  &scores[size_t(p.score_off + c)], p.ncand);
   });
@@ -316,11 +327,14 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     }
   });
   std::vector<std::pair<int64_t, int64_t>> items;  // (task, first union index)
+  int64_t union_bytes = 0;
+  for (int64_t t = 0; t < n; ++t) union_bytes += int64_t(plans[t].blocks.size()) * 2 * tasks[t].block_size * D * eb;
+  const int64_t attend_chunk = item_size(union_bytes, ex.num_threads, 32 << 10, kAttendChunkBytes);
   for (int64_t t = 0; t < n; ++t) {
     Plan& p = plans[t];
-    const int64_t per_item = std::max<int64_t>(1, kAttendChunkBytes / (2 * tasks[t].block_size * D * eb));
+    p.per_item = std::max<int64_t>(1, attend_chunk / (2 * tasks[t].block_size * D * eb));
     p.item_begin = int64_t(items.size());
-    for (int64_t i = 0; i < int64_t(p.blocks.size()); i += per_item) items.emplace_back(t, i);
+    for (int64_t i = 0; i < int64_t(p.blocks.size()); i += p.per_item) items.emplace_back(t, i);
     p.item_end = int64_t(items.size());
     if (tasks[t].bytes_read) {
       *tasks[t].bytes_read = (p.scored ? p.ncand * 2 * D * eb : 0) +
@@ -337,8 +351,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     const auto [t, first] = items[size_t(i)];
     const Plan& p = plans[t];
     const GroupTask& task = tasks[t];
-    const int64_t per_item = std::max<int64_t>(1, kAttendChunkBytes / (2 * task.block_size * D * eb));
-    const int64_t count = std::min<int64_t>(per_item, int64_t(p.blocks.size()) - first);
+    const int64_t count = std::min<int64_t>(p.per_item, int64_t(p.blocks.size()) - first);
     float* s = state[size_t(w)].data();
     OnlineSoftmax st{s, s + G, s + 2 * G};
     init_state(st, G, D);
