@@ -249,7 +249,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-whole-steps", action="store_true",
                    help="keep Fluxion's attention outside the CUDA graphs even where a step runs on the GPU alone")
     p.add_argument("--table-seed", type=int, default=0)
-    p.add_argument("--cpu-threads", type=int, default=None, help="FluxionConfig.cpu_threads (default: all cores but one)")
+    p.add_argument("--cpu-threads", type=int, default=None, help="FluxionConfig.cpu_threads (default: all cores but two)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, metavar="DIR",

@@ -107,7 +107,8 @@ class FluxionConfig:
     sink, local:    the dense window: the first ``sink`` and the last ``local`` tokens of every sequence.
     granularities:  block sizes the selector may choose from (subset of 16, 32, 64, 128).
     error_target:   relative output-error target of the budget predictor (> 0; used by the predictor).
-    cpu_threads:    threads of the CPU kernels; None = all cores but one (one core schedules and launches).
+    cpu_threads:    threads of the CPU kernels (the calling thread included); None = all cores but two on a GPU:
+                    the GPU control thread and the work outside the kernels keep a core each.
                     Applied by :func:`fluxion.enable` when the model is on a GPU, or whenever given explicitly.
     gpu_streams:    CUDA streams for GPU retrieval (>= 1; the current runtime launches on one stream).
     gpu_share:      in 'full'/'fluxion' mode with a GPU, the share of the retrieval data volume handed to the
@@ -213,11 +214,13 @@ class FluxionConfig:
         return dataclasses.replace(self, **changes)
 
     def resolved_cpu_threads(self) -> int:
-        """cpu_threads, or all cores but one (at least one)."""
+        """cpu_threads, or all cores but two (at least one). Measured on the 16-core H200 box (64K context,
+        share16-0.05): 15 threads left the GPU control thread without a core of its own and made the shared
+        step slower than 14 (47.7 vs 50.9 ms TPOT); the CPU-only fixed step was no faster with 15."""
         if self.cpu_threads is not None:
             return self.cpu_threads
         n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        return max(1, n - 1)
+        return max(1, n - 2)
 
     def resolved_kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         if self.kv_dtype is not None:
