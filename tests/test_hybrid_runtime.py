@@ -115,3 +115,44 @@ def test_cpp_decode_backend_matches_python_backend(device, mode):
 def test_decode_backend_is_validated():
     with pytest.raises(ValueError, match="decode_backend"):
         fluxion.FluxionConfig(decode_backend="rust")
+
+
+def test_graph_steps_reject_bad_input_and_leave_the_store_alone():
+    """The whole-step graph API (graph_begin / graph_step / graph_end): a CPU runtime refuses it with a clear
+    error (the Python runtime simply does not offer it), and on a GPU bad tables and a step left open are
+    rejected before anything is stored."""
+    store = fluxion.HostKVStore(2, 2, 64)
+    rt = torch.classes.fluxion.HybridRuntime(store._impl, 8, "cpu", 64, 256, 1)
+    seq = store.add_sequence()
+    rt.set_sequences([seq])
+    budgets, sizes = torch.full((2, 1, 8), 0.1), torch.full((2, 1, 2), 16, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="graph steps need"):
+        rt.graph_begin([seq], budgets, sizes)
+    cpu_rt = fluxion.HybridAttentionRuntime(fluxion.FluxionConfig(), 2, 8, 2, 64)
+    assert cpu_rt.graph_begin() is None
+    from fluxion.runtime import cuda_kernels_available
+
+    if not (torch.cuda.is_available() and cuda_kernels_available()):
+        return
+    store = fluxion.HostKVStore(2, 2, 64, torch.bfloat16, pin=True)
+    rt = torch.classes.fluxion.HybridRuntime(store._impl, 8, "cuda", 64, 256, 1)
+    seq = store.add_sequence()
+    rt.set_sequences([seq])
+    k = torch.randn(1, 2, 500, 64, dtype=torch.bfloat16, device="cuda")
+    for layer in range(2):
+        rt.prefill(layer, k, k, None)
+    with pytest.raises(RuntimeError, match=r"budgets must be a CPU \[L, B, Hq\]"):
+        rt.graph_begin([seq], torch.full((1, 1, 8), 0.1), sizes)
+    with pytest.raises(RuntimeError, match=r"budgets must be in \[0, 1\]"):
+        rt.graph_begin([seq], torch.full((2, 1, 8), 1.5), sizes)
+    with pytest.raises(RuntimeError, match="block_size must be one of"):
+        rt.graph_begin([seq], budgets, torch.full((2, 1, 2), 24, dtype=torch.int32))
+    assert [int(n) for n in store.seq_lens(0, [seq])] == [500]
+    with pytest.raises(RuntimeError, match="graph_step must come between graph_begin and graph_end"):
+        q = torch.zeros(1, 8, 64, dtype=torch.bfloat16, device="cuda")
+        rt.graph_step(0, *rt.window(0), q, k[:, :, 0], k[:, :, 0], 0.125)
+    capacity, _, _ = rt.graph_begin([seq], budgets, sizes)
+    assert capacity > 0 and [int(n) for n in store.seq_lens(1, [seq])] == [501]
+    with pytest.raises(RuntimeError, match="previous graph step was not closed"):
+        rt.graph_begin([seq], budgets, sizes)
+    rt.graph_end()
