@@ -72,8 +72,10 @@ void for_each_dynamic(const Executor& ex, int64_t n, const std::function<void(in
 
 PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
   const int64_t n = int64_t(G) * D;
+  const int groups = (G + 15) / 16, kchunks = 2 * D / 32;
+  const int64_t amx_elems = int64_t(groups) * kchunks * 512;
   f32.resize(size_t(3 * n));
-  bf16.resize(size_t(3 * n));
+  bf16.resize(size_t(3 * n + amx_elems));
   for (int64_t i = 0; i < n; ++i) {
     const float pos = q[i] > 0.f ? q[i] : 0.f, neg = q[i] < 0.f ? q[i] : 0.f;
     f32[size_t(i)] = pos;
@@ -83,7 +85,19 @@ PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
     bf16[size_t(n + i)] = float_to_bf16(neg);
     bf16[size_t(2 * n + i)] = float_to_bf16(q[i]);
   }
+  uint16_t* amx = bf16.data() + 3 * n;
+  for (int g = 0; g < groups; ++g)
+    for (int kc = 0; kc < kchunks; ++kc)
+      for (int k = 0; k < 16; ++k)
+        for (int c = 0; c < 16; ++c)
+          for (int e = 0; e < 2; ++e) {
+            const int head = g * 16 + c, j = kc * 32 + 2 * k + e;
+            uint16_t v = 0;
+            if (head < G) v = j < D ? bf16[size_t(n + head * D + j)] : bf16[size_t(head * D + j - D)];
+            amx[((int64_t(g) * kchunks + kc) * 16 + k) * 32 + c * 2 + e] = v;
+          }
   PreparedQuery p;
+  p.q_amx = amx;
   p.q_pos = f32.data();
   p.q_neg = f32.data() + n;
   p.q_scaled = f32.data() + 2 * n;
