@@ -25,7 +25,7 @@ PyObject* simd_level(PyObject*, PyObject*) {
 
 PyObject* simd_supported(PyObject*, PyObject*) {
   PyObject* list = PyList_New(0);
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16}) {
+  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAvx512Amx}) {
     if (!fluxion::core::cpu::isa_supported(isa)) continue;
     PyObject* s = PyUnicode_FromString(fluxion::core::cpu::isa_name(isa));
     PyList_Append(list, s);
@@ -43,8 +43,9 @@ PyObject* set_simd_level(PyObject*, PyObject* arg) {
   else if (s == "avx2") isa = Isa::kAvx2;
   else if (s == "avx512") isa = Isa::kAvx512;
   else if (s == "avx512_bf16") isa = Isa::kAvx512Bf16;
+  else if (s == "avx512_amx") isa = Isa::kAvx512Amx;
   else {
-    PyErr_Format(PyExc_ValueError, "simd level must be scalar, avx2, avx512 or avx512_bf16, got '%s'", name);
+    PyErr_Format(PyExc_ValueError, "simd level must be scalar, avx2, avx512, avx512_bf16 or avx512_amx, got '%s'", name);
     return nullptr;
   }
   try {
@@ -118,7 +119,7 @@ PyObject* stream_read(PyObject*, PyObject* args) {
 PyMethodDef kMethods[] = {
     {"simd_level", simd_level, METH_NOARGS, "SIMD level the CPU kernels use now."},
     {"simd_supported", simd_supported, METH_NOARGS, "SIMD levels this CPU supports."},
-    {"set_simd_level", set_simd_level, METH_O, "Use 'scalar', 'avx2', 'avx512' or 'avx512_bf16' kernels (must be supported)."},
+    {"set_simd_level", set_simd_level, METH_O, "Use 'scalar', 'avx2', 'avx512', 'avx512_bf16' or 'avx512_amx' kernels (must be supported)."},
     {"window_kernel", window_kernel, METH_NOARGS, "Kernel window_attention launches on CUDA (see set_window_kernel)."},
     {"set_window_kernel", set_window_kernel, METH_O,
      "window_attention's CUDA kernel: 'auto', 'tile', 'mma' or 'mma:R' (R = 1..8 CTAs per head slice)."},

@@ -8,7 +8,7 @@
 
 namespace fluxion::core::cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Amx = 4 };
 
 // Running softmax state of G heads: max m[G], sum l[G], unnormalised output acc[G, D] (fp32).
 struct OnlineSoftmax {
@@ -26,6 +26,10 @@ struct PreparedQuery {
   const uint16_t* q_pos_bf16 = nullptr;
   const uint16_t* q_neg_bf16 = nullptr;
   const uint16_t* q_bf16 = nullptr;
+  // [ceil(G/16), 2D/32, 16, 16, 2] bf16: [q_neg | q_pos] of each 16-head group as AMX B tiles (pairs of
+  // consecutive elements of the 2D-long row interleaved per head, heads past G zero), for the Quest bound of
+  // a metadata row [min | max] as one tile product.
+  const uint16_t* q_amx = nullptr;
   float scale = 1.f;
 };
 
@@ -59,7 +63,7 @@ struct KernelTable {
 
 bool isa_supported(Isa isa);
 Isa best_supported_isa();
-// The ISA in use: FLUXION_SIMD=scalar|avx2|avx512|avx512_bf16 if set (an unsupported request falls back to the best
+// The ISA in use: FLUXION_SIMD=scalar|avx2|avx512|avx512_bf16|avx512_amx if set (an unsupported request falls back to the best
 // supported one), else the best supported one. set_active_isa throws for an unsupported ISA.
 Isa active_isa();
 void set_active_isa(Isa isa);
@@ -67,10 +71,11 @@ const char* isa_name(Isa isa);
 const KernelTable& kernels();
 const KernelTable& kernels_for(Isa isa);
 
-// Per-ISA tables, defined in kernels_{scalar,avx2,avx512}.cpp.
+// Per-ISA tables, defined in kernels_{scalar,avx2,avx512,avx512_bf16,avx512_amx}.cpp.
 namespace scalar { extern const KernelTable kTable; }
 namespace avx2 { extern const KernelTable kTable; }
 namespace avx512 { extern const KernelTable kTable; }
 namespace avx512_bf16 { extern const KernelTable kTable; }
+namespace avx512_amx { extern const KernelTable kTable; }
 
 }  // namespace fluxion::core::cpu

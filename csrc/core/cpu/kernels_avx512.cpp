@@ -12,7 +12,9 @@
 #if defined(__x86_64__)
 #pragma GCC push_options
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12 false positive inside intrinsics headers
-#ifdef FLUXION_AVX512_BF16
+#if defined(FLUXION_AVX512_AMX)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c,amx-tile,amx-bf16")
+#elif defined(FLUXION_AVX512_BF16)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")
 #else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
@@ -106,9 +108,89 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
   return sum;
 }
 
+#ifdef FLUXION_AVX512_AMX
+// Palette 1 tile configuration (the 64-byte operand of ldtilecfg).
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// One tile product per 16 rows, K chunk of 32 and 16-head group: C[row, head] += A[row, 32 of [min | max]] *
+// B[32, head] with B the matching 32 of [q_neg | q_pos] (q.q_amx). Tiles 0-3 accumulate four 16-row groups (a
+// 64-row page) so each B tile is loaded once per four products; 4 holds B, 5 and 6 alternate as A. (The tile
+// intrinsics take literal tile numbers, hence no loop over the groups.)
+void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q, int G, int D, DType dt, float* scores,
+                    int64_t stride, Prefetch next) {
+  // Only whole 16-row tiles: a tile never reads past the table (the block-128 table of a page has 8 rows).
+  const int64_t full = dt == DType::kBFloat16 && q.q_amx ? nrows / 16 * 16 : 0;
+  if (full < nrows)
+    score_rows(meta + full * 2 * D, nrows - full, q, G, D, dt, scores + full, stride, full ? Prefetch{} : next);
+  if (full == 0) return;
+  TileConfig cfg;
+  for (int t = 0; t < 7; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+  const int kchunks = 2 * D / 32;
+  const int64_t row_bytes = 2 * int64_t(D) * 2;
+  const int64_t steps = (full + 63) / 64 * kchunks * ((G + 15) / 16);
+  int64_t step = 0;
+  alignas(64) float c[16 * 16];
+  for (int g0 = 0; g0 < G; g0 += 16) {
+    const uint16_t* qb = q.q_amx + int64_t(g0 / 16) * kchunks * 512;
+    const int hn = G - g0 < 16 ? G - g0 : 16;
+    for (int64_t r0 = 0; r0 < full; r0 += 64) {
+      const int groups = full - r0 >= 64 ? 4 : int((full - r0) / 16);
+      const uint16_t* a = meta + r0 * 2 * D;
+      const int64_t a16 = 16 * 2 * int64_t(D);  // elements from one 16-row group to the next
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int kc = 0; kc < kchunks; ++kc, ++step) {
+        if (next.ptr) prefetch_slice(next, step, steps);
+        _tile_loadd(4, qb + kc * 512, 64);
+        _tile_loadd(5, a + kc * 32, row_bytes);
+        _tile_dpbf16ps(0, 5, 4);
+        if (groups > 1) {
+          _tile_loadd(6, a + a16 + kc * 32, row_bytes);
+          _tile_dpbf16ps(1, 6, 4);
+        }
+        if (groups > 2) {
+          _tile_loadd(5, a + 2 * a16 + kc * 32, row_bytes);
+          _tile_dpbf16ps(2, 5, 4);
+        }
+        if (groups > 3) {
+          _tile_loadd(6, a + 3 * a16 + kc * 32, row_bytes);
+          _tile_dpbf16ps(3, 6, 4);
+        }
+      }
+      for (int grp = 0; grp < groups; ++grp) {
+        switch (grp) {
+          case 0: _tile_stored(0, c, 64); break;
+          case 1: _tile_stored(1, c, 64); break;
+          case 2: _tile_stored(2, c, 64); break;
+          default: _tile_stored(3, c, 64); break;
+        }
+        for (int h = 0; h < hn; ++h)
+          for (int r = 0; r < 16; ++r) scores[int64_t(g0 + h) * stride + r0 + grp * 16 + r] = c[r * 16 + h];
+      }
+    }
+  }
+  _tile_release();  // tile state back to init: no 8 KiB of tile data to save at every context switch
+}
+#endif
+
 }  // namespace
 
+#ifdef FLUXION_AVX512_AMX
+const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows_amx, &attend_rows, &stream_sum};
+#else
 const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_rows, &stream_sum};
+#endif
 
 }  // namespace fluxion::core::cpu::FLUXION_AVX512_NS
 #pragma GCC pop_options

@@ -72,8 +72,10 @@ void for_each_dynamic(const Executor& ex, int64_t n, const std::function<void(in
 
 PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
   const int64_t n = int64_t(G) * D;
+  const int groups = (G + 15) / 16, kchunks = 2 * D / 32;
+  const int64_t amx_elems = int64_t(groups) * kchunks * 512;
   f32.resize(size_t(3 * n));
-  bf16.resize(size_t(3 * n));
+  bf16.resize(size_t(3 * n + amx_elems));
   for (int64_t i = 0; i < n; ++i) {
     const float pos = q[i] > 0.f ? q[i] : 0.f, neg = q[i] < 0.f ? q[i] : 0.f;
     f32[size_t(i)] = pos;
@@ -83,7 +85,19 @@ PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
     bf16[size_t(n + i)] = float_to_bf16(neg);
     bf16[size_t(2 * n + i)] = float_to_bf16(q[i]);
   }
+  uint16_t* amx = bf16.data() + 3 * n;
+  for (int g = 0; g < groups; ++g)
+    for (int kc = 0; kc < kchunks; ++kc)
+      for (int k = 0; k < 16; ++k)
+        for (int c = 0; c < 16; ++c)
+          for (int e = 0; e < 2; ++e) {
+            const int head = g * 16 + c, j = kc * 32 + 2 * k + e;
+            uint16_t v = 0;
+            if (head < G) v = j < D ? bf16[size_t(n + head * D + j)] : bf16[size_t(head * D + j - D)];
+            amx[((int64_t(g) * kchunks + kc) * 16 + k) * 32 + c * 2 + e] = v;
+          }
   PreparedQuery p;
+  p.q_amx = amx;
   p.q_pos = f32.data();
   p.q_neg = f32.data() + n;
   p.q_scaled = f32.data() + 2 * n;
@@ -95,7 +109,7 @@ PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
 }
 
 void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
-                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride) {
+                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride, int64_t prefetch_end) {
   const KernelTable& kt = kernels();
   const int level = granularity_level(block_size);
   const int64_t per_page = view.layout.page_tokens / block_size;
@@ -104,18 +118,19 @@ void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_si
   const int64_t row_bytes = 2 * D * 2;
   // The table of each page is one run; while scoring one, prefetch the one `ahead` pages later.
   const int64_t ahead = runs_ahead(per_page * row_bytes);
-  auto table = [&](int64_t j) {  // rows of blocks [j, end of j's page) within [blk_begin, blk_end)
+  prefetch_end = std::max(prefetch_end, blk_end);
+  auto table = [&](int64_t j, int64_t end) {  // rows of blocks [j, end of j's page) within [j, end)
     const int64_t in_page = j % per_page;
     const uint16_t* meta = pages + view.page_offset(b, kv_head, j * block_size) + view.layout.meta_offset(level) +
                            in_page * 2 * D;
-    return std::make_pair(meta, std::min(blk_end - j, per_page - in_page));
+    return std::make_pair(meta, std::min(end - j, per_page - in_page));
   };
   for (int64_t j = blk_begin; j < blk_end;) {
-    const auto [meta, run] = table(j);
+    const auto [meta, run] = table(j, blk_end);
     Prefetch next;
     const int64_t jn = (j / per_page + ahead) * per_page;
-    if (ahead > 0 && jn < blk_end) {
-      const auto [nmeta, nrun] = table(jn);
+    if (ahead > 0 && jn < prefetch_end) {
+      const auto [nmeta, nrun] = table(jn, prefetch_end);
       next = Prefetch{nmeta, nrun * row_bytes};
     }
     kt.score_rows(meta, run, q, G, D, view.dtype, scores + (j - blk_begin), stride, next);
@@ -187,8 +202,9 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
 
 void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                    const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
-                   const OnlineSoftmax& st) {
+                   const OnlineSoftmax& st, int64_t prefetch_blocks) {
   const KernelTable& kt = kernels();
+  prefetch_blocks = std::max(prefetch_blocks, nblocks);
   const int D = view.layout.head_dim;
   const int64_t run_elems = view.layout.block_elems(block_size);
   const int64_t unit_stride = view.layout.unit_elems();
@@ -200,7 +216,7 @@ void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_s
     const int64_t lo = std::max(t0, tok_begin) - t0, hi = std::min(t0 + block_size, tok_end) - t0;
     if (hi <= lo) continue;
     Prefetch next;
-    if (ahead > 0 && i + ahead < nblocks) next = Prefetch{block_run(view, b, kv_head, blocks[i + ahead], block_size), run_elems * 2};
+    if (ahead > 0 && i + ahead < prefetch_blocks) next = Prefetch{block_run(view, b, kv_head, blocks[i + ahead], block_size), run_elems * 2};
     const uint16_t* run = block_run(view, b, kv_head, blocks[i], block_size);
     kt.attend_rows(run, run + v_in_unit, lo, hi, unit_stride, q, G, masks[i], D, view.dtype, st, next);
   }
@@ -275,9 +291,14 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   }
   int64_t scored_blocks = 0;
   for (int64_t t = 0; t < n; ++t) scored_blocks += plans[t].scored ? plans[t].ncand : 0;
-  const int64_t score_chunk = item_size(scored_blocks, ex.num_threads, 64, kScoreChunkBlocks);
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t c = 0; plans[t].scored && c < plans[t].ncand; c += score_chunk) score_items.emplace_back(t, c);
+  // Items end on multiples of score_chunk (a multiple of 64 blocks, so of a page's blocks at P = 1024): a page's
+  // table is never split between two items.
+  const int64_t score_chunk = (item_size(scored_blocks, ex.num_threads, 64, kScoreChunkBlocks) + 63) / 64 * 64;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t begin = plans[t].range.block_begin;
+    for (int64_t c = 0; plans[t].scored && c < plans[t].ncand; c = (begin + c) / score_chunk * score_chunk + score_chunk - begin)
+      score_items.emplace_back(t, c);
+  }
   std::vector<QueryScratch> qscratch(static_cast<size_t>(n));
   std::vector<PreparedQuery> queries(static_cast<size_t>(n));
   std::vector<float> scores(static_cast<size_t>(score_total));
@@ -288,9 +309,10 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   for_each_dynamic(ex, int64_t(score_items.size()), [&](int64_t i, int) {
     const auto [t, c] = score_items[size_t(i)];
     const Plan& p = plans[t];
-    const int64_t begin = p.range.block_begin + c, end = std::min(begin + score_chunk, p.range.block_end);
+    const int64_t begin = p.range.block_begin + c;
+    const int64_t end = std::min(begin / score_chunk * score_chunk + score_chunk, p.range.block_end);
     score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
-                 &scores[size_t(p.score_off + c)], p.ncand);
+                 &scores[size_t(p.score_off + c)], p.ncand, p.range.block_end);
   });
 
   // 2. Top-k per (task, head).
@@ -356,7 +378,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     OnlineSoftmax st{s, s + G, s + 2 * G};
     init_state(st, G, D);
     attend_blocks(view, task.b, task.kv_head, G, task.block_size, queries[size_t(t)], &p.blocks[size_t(first)],
-                  &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st);
+                  &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st,
+                  int64_t(p.blocks.size()) - first);
     finalize_state(st, G, D, &part_out[size_t(i * GD)], &part_lse[size_t(i * G)]);
   });
 

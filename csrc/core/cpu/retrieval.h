@@ -60,19 +60,22 @@ struct QueryScratch {
 };
 
 // Quest scores of blocks [blk_begin, blk_end) at granularity block_size:
-// scores[h * stride + (j - blk_begin)]. The blocks must lie inside the sequence.
+// scores[h * stride + (j - blk_begin)]. The blocks must lie inside the sequence. Metadata of blocks up to
+// prefetch_end (>= blk_end, inside the sequence; default blk_end) may be prefetched: a caller scoring a range in
+// pieces lets each piece prefetch the start of the next one.
 void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
-                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride);
+                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride, int64_t prefetch_end = -1);
 
 // Indices (in [0, n), ascending) of the min(k, #selectable) largest scores; ties go to the lower index
 // (-0 ties +0); -inf and NaN are never selected. Returns the count. `scratch` is reused across calls.
 int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<uint32_t>& scratch);
 
 // Folds the tokens of `blocks[i]` (restricted to [tok_begin, tok_end)) into the state of each head whose
-// bit is set in masks[i].
+// bit is set in masks[i]. blocks[nblocks .. prefetch_blocks) (default: none) are only prefetched: the blocks the
+// next piece of the same list will read.
 void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                    const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
-                   const OnlineSoftmax& st);
+                   const OnlineSoftmax& st, int64_t prefetch_blocks = -1);
 
 void init_state(const OnlineSoftmax& st, int G, int D);
 // out = acc / l, lse = m + log(l); heads with nothing attended get out 0 and lse -inf.
