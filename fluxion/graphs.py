@@ -148,19 +148,15 @@ class SegmentGraphs:
             # This step runs eagerly through the capturable attention path (which also warms it up); the
             # whole-step graph is captured after it, for the next steps.
             self._whole.pop(rt, None)
-            self.graphs[0].replay()
-            for i in range(len(self.layers)):
-                q, k, v = self.outs[i][-3:]
-                rt.graph_decode(i, q, k, v, out=self.attn)
-                self.graphs[i + 1].replay()
-            self._capture_whole(rt, key)  # inside the open step: graph_decode checks that one is open
-            rt.graph_end()
-            return self.logits
+        attend = rt.graph_decode if key is not None else rt.decode
         self.graphs[0].replay()
         for i in range(len(self.layers)):
             q, k, v = self.outs[i][-3:]
-            rt.decode(i, q, k, v, out=self.attn)
+            attend(i, q, k, v, out=self.attn)
             self.graphs[i + 1].replay()
+        if key is not None:
+            self._capture_whole(rt, key)  # inside the open step: graph_decode checks that one is open
+            rt.graph_end()
         return self.logits
 
     def _capture_whole(self, rt, key) -> None:

@@ -67,6 +67,39 @@ std::pair<at::Tensor, at::Tensor> checked_plan_tables(const at::Tensor& budgets,
   return {bud, bsz};
 }
 
+
+// One layer step's plan as int32 words, uploaded to the device in one page-locked copy:
+//   [lens before B | lens after B | budgets B*Hq (fp32 bits) | block sizes B*Hkv | task groups (`groups` slots)
+//    | frame table B*F]
+struct PlanRow {
+  int64_t B, Hq, Hkv, groups, F;
+  int64_t o_bud() const { return 2 * B; }
+  int64_t o_bsz() const { return o_bud() + B * Hq; }
+  int64_t o_groups() const { return o_bsz() + B * Hkv; }
+  int64_t o_frames() const { return o_groups() + groups; }
+  int64_t words() const { return o_frames() + B * F; }
+  // Writes everything but the task groups (those slots are zeroed).
+  void fill(int32_t* ph, const std::vector<int32_t>& lens_before, const float* budgets, const int32_t* block_sizes,
+            const core::HostKVStore& store, int64_t layer, const std::vector<int64_t>& ids) const {
+    for (int64_t b = 0; b < B; ++b) {
+      ph[b] = lens_before[size_t(b)];
+      ph[B + b] = lens_before[size_t(b)] + 1;
+    }
+    std::memcpy(ph + o_bud(), budgets, size_t(B * Hq) * 4);
+    std::memcpy(ph + o_bsz(), block_sizes, size_t(B * Hkv) * 4);
+    std::fill(ph + o_groups(), ph + words(), 0);
+    for (int64_t b = 0; b < B; ++b) {
+      const auto& fr = store.frames(int(layer), int(ids[size_t(b)]));
+      std::copy(fr.begin(), fr.begin() + std::min<int64_t>(F, int64_t(fr.size())), ph + o_frames() + b * F);
+    }
+  }
+  // Views of an uploaded row: (lens before [B], lens after [B], budgets [B, Hq] float32, block sizes [B, Hkv],
+  // frame table [B, F]); groups via row.narrow(0, o_groups() + first, count).
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> views(const at::Tensor& row) const {
+    return {row.narrow(0, 0, B), row.narrow(0, B, B), row.narrow(0, o_bud(), B * Hq).view(at::kFloat).view({B, Hq}),
+            row.narrow(0, o_bsz(), B * Hkv).view({B, Hkv}), row.narrow(0, o_frames(), B * F).view({B, F})};
+  }
+};
 }  // namespace
 
 HybridRuntime::HybridRuntime(c10::intrusive_ptr<StoreHolder> s, int64_t hq, const std::string& dev, int64_t sink_,
@@ -215,34 +248,19 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     store->append(layer, ids, k_h, v_h, c10::nullopt);
   }
 
-  // The plan goes to the device in one page-locked copy (one allocation, one transfer, no per-batch uploads):
-  //   [lens before B | lens after B | budgets B*Hq (fp32 bits) | block sizes B*Hkv | task groups in queue
-  //    order | frame table B*F]
-  const int64_t n_tasks = int64_t(queue.size()), F = max_frames;
-  const int64_t o_lens = B, o_bud = 2 * B, o_bsz = o_bud + B * Hq, o_groups = o_bsz + B * Hkv,
-                o_frames = o_groups + n_tasks;
-  at::Tensor plan = at::empty({o_frames + B * F}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
+  // The plan goes to the device in one page-locked copy (one allocation, one transfer, no per-batch uploads),
+  // task groups in queue order.
+  const int64_t n_tasks = int64_t(queue.size());
+  const PlanRow layout{B, Hq, Hkv, n_tasks, max_frames};
+  at::Tensor plan = at::empty({layout.words()}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
   int32_t* ph = plan.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b) {
-    ph[b] = lens_before[size_t(b)];
-    ph[o_lens + b] = lens_before[size_t(b)] + 1;
-  }
-  std::memcpy(ph + o_bud, bud.data_ptr<float>(), size_t(B * Hq) * 4);
-  std::memcpy(ph + o_bsz, bsz.data_ptr<int32_t>(), size_t(B * Hkv) * 4);
-  for (int64_t i = 0; i < n_tasks; ++i) ph[o_groups + i] = queue[size_t(i)].group;
-  std::fill(ph + o_frames, ph + o_frames + B * F, 0);
-  for (int64_t b = 0; b < B; ++b) {
-    const auto& fr = store->store->frames(int(layer), int(ids[size_t(b)]));
-    std::copy(fr.begin(), fr.begin() + std::min<int64_t>(F, int64_t(fr.size())), ph + o_frames + b * F);
-  }
+  layout.fill(ph, lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>(), *store->store, layer, ids);
+  for (int64_t i = 0; i < n_tasks; ++i) ph[layout.o_groups() + i] = queue[size_t(i)].group;
   const at::Tensor plan_dev = on_gpu ? plan.to(device, /*non_blocking=*/true) : plan;
-  auto dev_part = [&](int64_t off, int64_t n) { return plan_dev.narrow(0, off, n); };
-  const at::Tensor lens_host = plan.narrow(0, o_lens, B);
-  const at::Tensor lens_dev = dev_part(o_lens, B);
-  const at::Tensor bud_dev = dev_part(o_bud, B * Hq).view(at::kFloat).view({B, Hq});
-  const at::Tensor bsz_dev = dev_part(o_bsz, B * Hkv).view({B, Hkv});
-  const at::Tensor frames_dev = dev_part(o_frames, B * F).view({B, F});
-  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, dev_part(0, B).unsqueeze(1), sink);
+  const at::Tensor lens_host = plan.narrow(0, B, B);
+  at::Tensor lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev;  // (lambdas below capture them)
+  std::tie(lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev) = layout.views(plan_dev);
+  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, lens_before_dev.unsqueeze(1), sink);
   append_s += since(t);
 
   // 3. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
@@ -255,7 +273,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // Retrieval of queue entries [begin, end) on the GPU, reading the page-locked store in place.
   auto retrieve_on_gpu = [&](int64_t begin, int64_t end) {
     return op<RetrievalFn>("fluxion::retrieval_attention")
-        .call(q, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev, dev_part(o_groups + begin, end - begin),
+        .call(q, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev,
+              plan_dev.narrow(0, layout.o_groups() + begin, end - begin),
               store->store->layout().page_tokens, sink, local, scale);
   };
   if (gpu_alone) {
@@ -279,8 +298,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   view.pages = store->store->arena();
   view.layout = store->store->layout();
   view.dtype = to_core_dtype(store->scalar_type());
-  view.frame_table = ph + o_frames;
-  view.frame_stride = F;
+  view.frame_table = ph + layout.o_frames();
+  view.frame_stride = layout.F;
   view.seq_lens = lens_host.data_ptr<int32_t>();
   const auto part_opts = at::TensorOptions().dtype(at::kFloat).pinned_memory(on_gpu);
   at::Tensor out_cpu = at::zeros({B, Hq, D}, part_opts);
@@ -474,9 +493,9 @@ std::tuple<int64_t, int64_t, int64_t> HybridRuntime::graph_begin(const std::vect
   if (ids != graph_.ids || frames > graph_.frame_capacity) {
     graph_.ids = ids;
     graph_.frame_capacity = frames + std::max<int64_t>(4, frames / 4);
-    graph_.row = 2 * B + B * Hq + 2 * B * Hkv + B * graph_.frame_capacity;
-    graph_.plan_host = at::empty({L, graph_.row}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
-    graph_.plan_dev = at::empty({L, graph_.row}, at::TensorOptions().dtype(at::kInt).device(device));
+    const int64_t row = PlanRow{B, Hq, Hkv, B * Hkv, graph_.frame_capacity}.words();
+    graph_.plan_host = at::empty({L, row}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    graph_.plan_dev = at::empty({L, row}, at::TensorOptions().dtype(at::kInt).device(device));
     graph_.staging = at::empty({L, 2, B, Hkv, 1, D}, at::TensorOptions().dtype(store->scalar_type()).pinned_memory(true));
   }
   if (!graph_bytes_.defined()) graph_bytes_ = at::zeros({}, at::TensorOptions().dtype(at::kLong).device(device));
@@ -486,34 +505,21 @@ std::tuple<int64_t, int64_t, int64_t> HybridRuntime::graph_begin(const std::vect
   for (int64_t l = 0; l < L; ++l)
     store->append_deferred(l, ids, graph_.staging[l][0], graph_.staging[l][1], [done] { done->wait(); });
 
-  // Each layer's plan row: [lens before B | lens after B | budgets B*Hq (fp32 bits) | block sizes B*Hkv |
-  // groups B*Hkv (the first num_groups used) | frame table B*F]. The retrieval groups are every group with a
-  // non-zero budget, whatever the length (a group with no candidate block yet is an empty task), so the
-  // captured launches fit every step until the tables change.
-  const int64_t F = graph_.frame_capacity, o_bud = 2 * B, o_bsz = o_bud + B * Hq, o_groups = o_bsz + B * Hkv,
-                o_frames = o_groups + B * Hkv;
+  // Each layer's plan row (PlanRow, B*Hkv group slots): the retrieval groups are every group with a non-zero
+  // budget, whatever the length (a group with no candidate block yet is an empty task), so the captured
+  // launches fit every step until the tables change.
+  const PlanRow layout{B, Hq, Hkv, B * Hkv, graph_.frame_capacity};
   graph_.num_groups.assign(size_t(L), 0);
   for (int64_t l = 0; l < L; ++l) {
-    int32_t* ph = graph_.plan_host.data_ptr<int32_t>() + l * graph_.row;
-    for (int64_t b = 0; b < B; ++b) {
-      ph[b] = lens[size_t(l)][size_t(b)];
-      ph[B + b] = lens[size_t(l)][size_t(b)] + 1;
-    }
-    std::memcpy(ph + o_bud, bud_p + l * B * Hq, size_t(B * Hq) * 4);
-    std::memcpy(ph + o_bsz, bsz_p + l * B * Hkv, size_t(B * Hkv) * 4);
+    int32_t* ph = graph_.plan_host.data_ptr<int32_t>() + l * layout.words();
+    layout.fill(ph, lens[size_t(l)], bud_p + l * B * Hq, bsz_p + l * B * Hkv, *store->store, l, ids);
     int64_t n = 0;
     for (int64_t g = 0; g < B * Hkv; ++g) {
       const float* gb = bud_p + l * B * Hq + g * G;  // the group's G heads are consecutive in [B, Hq]
-      if (std::any_of(gb, gb + G, [](float x) { return x > 0.f; })) ph[o_groups + n++] = int32_t(g);
+      if (std::any_of(gb, gb + G, [](float x) { return x > 0.f; })) ph[layout.o_groups() + n++] = int32_t(g);
     }
-    std::fill(ph + o_groups + n, ph + o_frames, 0);
     graph_.num_groups[size_t(l)] = n;
     gpu_tasks += n;
-    std::fill(ph + o_frames, ph + o_frames + B * F, 0);
-    for (int64_t b = 0; b < B; ++b) {
-      const auto& fr = store->store->frames(int(l), int(ids[size_t(b)]));
-      std::copy(fr.begin(), fr.end(), ph + o_frames + b * F);
-    }
   }
   graph_.done = done;
   graph_.begun = true;
@@ -525,7 +531,7 @@ std::tuple<int64_t, int64_t, int64_t> HybridRuntime::graph_begin(const std::vect
   const std::string_view sizes(reinterpret_cast<const char*>(bsz_p), size_t(bsz.numel()) * 4);
   const int64_t signature =
       int64_t(std::hash<std::string_view>{}(tables) ^ (std::hash<std::string_view>{}(sizes) * 31u) ^ size_t(B));
-  return {F, store->store->committed_frames(), signature};
+  return {graph_.frame_capacity, store->store->committed_frames(), signature};
 #endif
 }
 
@@ -560,20 +566,19 @@ at::Tensor HybridRuntime::graph_step(int64_t layer, at::Tensor& k_win_l, at::Ten
   C10_CUDA_CHECK(cudaMemcpyAsync(slot[0].data_ptr(), k.data_ptr(), token_bytes, cudaMemcpyDeviceToHost, stream));
   C10_CUDA_CHECK(cudaMemcpyAsync(slot[1].data_ptr(), v.data_ptr(), token_bytes, cudaMemcpyDeviceToHost, stream));
 
+  const PlanRow layout{B, Hq, Hkv, B * Hkv, graph_.frame_capacity};
   const at::Tensor row = graph_.plan_dev[layer];
-  const int64_t F = graph_.frame_capacity, o_bud = 2 * B, o_bsz = o_bud + B * Hq, o_groups = o_bsz + B * Hkv,
-                o_frames = o_groups + B * Hkv, n = graph_.num_groups[size_t(layer)];
-  const at::Tensor lens_dev = row.narrow(0, B, B);
+  const auto [lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev] = layout.views(row);
+  const int64_t n = graph_.num_groups[size_t(layer)];
   op<WindowAppendFn>("fluxion::window_append")
-      .call(k_win_l, v_win_l, k.unsqueeze(2), v.unsqueeze(2), row.narrow(0, 0, B).unsqueeze(1), sink);
+      .call(k_win_l, v_win_l, k.unsqueeze(2), v.unsqueeze(2), lens_before_dev.unsqueeze(1), sink);
   auto [o_dense, lse_dense] =
       op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev, sink, scale);
   if (n == 0) return o_dense;
   auto [o, l, nbytes] = op<RetrievalFn>("fluxion::retrieval_attention")
-                            .call(q, store->arena_view(), row.narrow(0, o_frames, B * F).view({B, F}), lens_dev,
-                                  row.narrow(0, o_bud, B * Hq).view(at::kFloat).view({B, Hq}),
-                                  row.narrow(0, o_bsz, B * Hkv).view({B, Hkv}), row.narrow(0, o_groups, n),
-                                  store->store->layout().page_tokens, sink, local, scale);
+                            .call(q, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev,
+                                  row.narrow(0, layout.o_groups(), n), store->store->layout().page_tokens, sink,
+                                  local, scale);
   graph_bytes_.add_(nbytes.sum());
   return std::get<0>(
       op<MergeFn>("fluxion::merge_attention_states").call(at::stack({o_dense, o}), at::stack({lse_dense, l})));

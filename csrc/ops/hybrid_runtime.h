@@ -92,7 +92,7 @@ struct HybridRuntime : torch::CustomClassHolder {
   // Buffers of the graph step, kept while the batch, the frame capacity and the plan shape stay the same.
   struct GraphPlan {
     std::vector<int64_t> ids;
-    int64_t frame_capacity = 0, row = 0;  // frames per sequence in the plan; int32 words per layer
+    int64_t frame_capacity = 0;           // frames per sequence in the plan
     at::Tensor plan_host, plan_dev;       // [L, row] int32, page-locked / on `device`
     at::Tensor staging;                   // [L, 2, B, Hkv, 1, D] page-locked: each layer's new K/V
     std::vector<int64_t> num_groups;      // per layer: retrieval groups (those with a non-zero budget)
