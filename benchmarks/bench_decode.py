@@ -208,7 +208,8 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
                    floor: float | None, both_bw: float | None = None) -> dict:
     """The attention step of one decode step (all layers) against the roofline of the devices it may use:
     bytes touched / host-read GB/s for 'fixed' (CPU retrieval only), bytes / (host-read + PCIe GB/s) otherwise.
-    Its time is the C++ step's host-measured step_s, which includes every wait for the device. Layer steps
+    Its time is the C++ step's host-measured step_s less model_wait_s (the shared step's wait for q, which is the
+    model's own GPU work of the layer before its attention, not attention). Layer steps
     that ran on the GPU alone (gpu_alone_steps) never wait: their host time is only the enqueueing, so there
     the attention time is taken as TPOT minus the whole-step graph floor (which holds the non-attention work).
     of_both_ceiling: the same bytes against the rate both devices reached reading host memory at once
@@ -216,15 +217,22 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     nbytes = per.get("bytes_cpu", 0.0) + per.get("bytes_pcie", 0.0)
     ceiling = host_bw if mode.startswith("fixed") or not pcie_bw else host_bw + pcie_bw
     roofline = nbytes / (ceiling * 1e9)
-    step = per.get("step_s", 0.0)
+    step = per.get("step_s", 0.0) - per.get("model_wait_s", 0.0)
     source = "step_s"
     if per.get("gpu_alone_steps", 0) > 0 and floor is not None:
         step, source = max(step, tpot - floor), "tpot-floor"
+    elif per.get("graph_steps", 0) > 0:
+        # Whole-step graphs leave the host timers empty: without a graph-floor row there is nothing to subtract.
+        step, source = (tpot - floor, "tpot-floor") if floor is not None else (float("nan"), "n/a")
     shared_ceiling = host_bw if mode.startswith("fixed") or not both_bw else max(both_bw, host_bw)
-    of_both = nbytes / (shared_ceiling * 1e9) / step if step > 0 else 0.0
+    of_both = nbytes / (shared_ceiling * 1e9) / step if step > 0 else float("nan")
     return dict(attention_ms=step * 1e3, attention_from=source, mb_per_step=nbytes / 1e6,
-                roofline_ms=roofline * 1e3, of_roofline=roofline / step if step > 0 else 0.0, of_both_ceiling=of_both,
+                roofline_ms=roofline * 1e3, of_roofline=roofline / step if step > 0 else float("nan"), of_both_ceiling=of_both,
                 gpu_idle_ratio=stats.get("gpu_idle_ratio", 1.0))
+
+
+# How attention_step measured the attention time, as printed after it.
+ATTENTION_SOURCE = {"step_s": "", "tpot-floor": " (TPOT - floor)", "n/a": " (n/a: whole-step graphs and no graph-floor row)"}
 
 
 def pct(xs, q):
@@ -315,7 +323,7 @@ def main(argv=None) -> int:
                 attn = (attention_step(mode, per, stats, host_bw, pcie_bw, p50, floors.get(b),
                                        both["total"] if both else None) if per else {})
                 eff = (f"  | attention {attn['attention_ms']:.2f}ms"
-                       f"{' (TPOT - floor)' if attn['attention_from'] != 'step_s' else ''}, {attn['mb_per_step']:.0f} MB, roofline "
+                       f"{ATTENTION_SOURCE[attn['attention_from']]}, {attn['mb_per_step']:.0f} MB, roofline "
                        f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%} ({attn['of_both_ceiling']:.0%} of the "
                        f"both-at-once ceiling), GPU idle "
                        f"{attn['gpu_idle_ratio']:.0%}, whole-step graphs {stats.get('graph_steps', 0)}/"

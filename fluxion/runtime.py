@@ -538,7 +538,9 @@ class HybridAttentionRuntime:
         With decode_backend='cpp' (the default) retrieval_cpu_s / retrieval_gpu_s give way to the C++ step's
         retrieval_s (host time of the retrieval phase), cpu_busy_s (the CPU side's batches, wall time; split
         into cpu_select_s = scoring + top-k + union and cpu_attend_s = attention + merge), gpu_busy_s
-        (GPU batches of shared steps from launch to completion), step_s, gpu_alone_steps (layer steps small
+        (GPU batches of shared steps from launch to completion), step_s, model_wait_s (the part of step_s and append_s
+        a shared step spent waiting for its q, i.e. for the model's own GPU work before the layer's attention),
+        gpu_alone_steps (layer steps small
         enough to run on the GPU alone without a host sync, see min_shared_volume), graph_steps (decode steps
         whose attention ran inside a whole-step CUDA graph, see graph_begin; the host timers do not cover them)
         and gpu_idle_ratio: the
@@ -556,7 +558,7 @@ class HybridAttentionRuntime:
             total.update(append_s=total.get("append_s", 0.0) + c["append_s"], dense_s=c["dense_s"],
                          retrieval_s=c["retrieval_s"], cpu_busy_s=c["cpu_busy_s"], gpu_busy_s=c["gpu_busy_s"],
                          cpu_select_s=c["cpu_select_s"], cpu_attend_s=c["cpu_attend_s"],
-                         merge_s=c["merge_s"], step_s=c["step_s"], bytes_cpu=int(c["cpu_bytes"]),
+                         merge_s=c["merge_s"], step_s=c["step_s"], model_wait_s=c["model_wait_s"], bytes_cpu=int(c["cpu_bytes"]),
                          bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]),
                          gpu_alone_steps=int(c["gpu_alone_steps"]), graph_steps=int(c["graph_steps"]))
             total.pop("retrieval_cpu_s", None)

@@ -307,8 +307,8 @@ std::tuple<at::Tensor, at::Tensor> window_attention_cpu(const at::Tensor& q, con
       const int64_t n_sink = std::min(n, sink);
       const int64_t n_ring = std::min(std::max<int64_t>(n - sink, 0), local);
       const int64_t rows16 = core::PageLayout::kUnitTokens * D;  // contiguous [W, D] rows
-      if (n_sink > 0) kt.attend_rows(kb, vb, 0, n_sink, rows16, pq, int(G), all, int(D), dt, st, {});
-      if (n_ring > 0) kt.attend_rows(kb + sink * D, vb + sink * D, 0, n_ring, rows16, pq, int(G), all, int(D), dt, st, {});
+      const core::cpu::RowRun runs[2] = {{kb, vb, 0, n_sink, all}, {kb + sink * D, vb + sink * D, 0, n_ring, all}};
+      kt.attend_runs(runs, 2, 2, 0, rows16, pq, int(G), int(D), dt, st);
       core::cpu::finalize_state(st, int(G), int(D), out.data_ptr<float>() + (b * Hq + kvh * G) * D,
                                 lse.data_ptr<float>() + b * Hq + kvh * G);
     }

@@ -243,7 +243,11 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     k_h.copy_(k, on_gpu);
     v_h.copy_(v, on_gpu);
 #ifdef FLUXION_WITH_CUDA
-    if (on_gpu) c10::cuda::getCurrentCUDAStream(device.index()).synchronize();  // waits for q's producers
+    if (on_gpu) {  // waits for q's producers: the model's own GPU work of this layer, timed apart
+      const auto w = Clock::now();
+      c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
+      model_wait_s += since(w);
+    }
 #endif
     store->append(layer, ids, k_h, v_h, c10::nullopt);
   }
@@ -598,6 +602,7 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
   c10::Dict<std::string, double> d;
   d.insert("steps", double(steps));
   d.insert("append_s", append_s);
+  d.insert("model_wait_s", model_wait_s);
   d.insert("dense_s", dense_s);
   d.insert("retrieval_s", retrieval_s);
   d.insert("cpu_busy_s", cpu_busy_s);
@@ -624,7 +629,7 @@ void HybridRuntime::reset_stats() {
   gpu_bytes_pending = at::Tensor();
   graph_steps_ = 0;
   if (graph_bytes_.defined()) graph_bytes_.zero_();
-  append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
+  model_wait_s = append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
 }
 
 // Called from store_class.cpp's registration, after HostKVStore's: the class takes a HostKVStore, so its

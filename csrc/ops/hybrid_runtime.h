@@ -43,6 +43,9 @@ struct HybridRuntime : torch::CustomClassHolder {
   int64_t steps = 0, cpu_tasks = 0, gpu_tasks = 0, cpu_bytes = 0, gpu_bytes = 0, gpu_alone_steps = 0;
   at::Tensor gpu_bytes_pending;  // bytes read by GPU-alone steps, summed on the device (read by stats())
   double cpu_select_s = 0, cpu_attend_s = 0;  // the CPU side's phases: score + top-k + union, attention + merge
+  // model_wait_s: a shared step's wait for q, i.e. for the model's GPU work before this layer's attention (part
+  // of append_s and step_s; not attention).
+  double model_wait_s = 0;
   double append_s = 0, dense_s = 0, retrieval_s = 0, shared_retrieval_s = 0, cpu_busy_s = 0, gpu_busy_s = 0, merge_s = 0, step_s = 0;
 
   HybridRuntime(c10::intrusive_ptr<StoreHolder> store, int64_t num_q_heads, const std::string& device, int64_t sink,

@@ -30,6 +30,9 @@ struct PreparedQuery {
   // consecutive elements of the 2D-long row interleaved per head, heads past G zero), for the Quest bound of
   // a metadata row [min | max] as one tile product.
   const uint16_t* q_amx = nullptr;
+  // [ceil(G/16), D/32, 16, 16, 2] bf16: q_bf16 of each 16-head group as AMX B tiles (same arrangement), for
+  // the scores of 16 K rows x 16 heads as one tile product per 32 elements of D.
+  const uint16_t* q_amx_qk = nullptr;
   float scale = 1.f;
 };
 
@@ -42,6 +45,20 @@ struct Prefetch {
   int64_t bytes = 0;
 };
 
+// A span of K/V rows the attention reads, for the heads of `mask`.
+struct RowRun {
+  const uint16_t* k = nullptr;  // row 0 of the run's first 16-row chunk
+  const uint16_t* v = nullptr;
+  int64_t row_lo = 0, row_hi = 0;
+  uint64_t mask = 0;
+};
+
+// The whole 16-row chunks that cover a run's rows, K and V (when they are interleaved: chunk_stride = 32 * D).
+inline Prefetch run_prefetch(const RowRun& r, int64_t chunk_stride) {
+  const int64_t first = r.row_lo / 16, last = (r.row_hi + 15) / 16;
+  return Prefetch{r.k + first * chunk_stride, (last - first) * chunk_stride * 2};
+}
+
 struct KernelTable {
   Isa isa;
   // Quest bound of each row r of a [nrows, 2, D] min/max table for G heads:
@@ -49,13 +66,13 @@ struct KernelTable {
   // (equal to sum_d max(q*min, q*max)).
   void (*score_rows)(const uint16_t* meta, int64_t nrows, const PreparedQuery& q, int G, int D, DType dt,
                      float* scores, int64_t stride, Prefetch next);
-  // Folds rows [row_lo, row_hi) of K/V into the state of every head h with bit h of mask set, with scores
-  // scale * q.k. Rows come in chunks of 16 (PageLayout::kUnitTokens): row i is at k + (i / 16) * chunk_stride
-  // + (i % 16) * D, V alike. chunk_stride = 16 * D reads contiguous [N, D] arrays; 32 * D with v = k + 16 * D
-  // reads the store's interleaved K/V units.
-  void (*attend_rows)(const uint16_t* k, const uint16_t* v, int64_t row_lo, int64_t row_hi, int64_t chunk_stride,
-                      const PreparedQuery& q, int G, uint64_t mask, int D, DType dt, const OnlineSoftmax& st,
-                      Prefetch next);
+  // Folds runs[0 .. n) into the state: for each run, its rows [row_lo, row_hi) into every head h with bit h of its
+  // mask set, with scores scale * q.k. Rows come in chunks of 16 (PageLayout::kUnitTokens): row i of a run is at
+  // k + (i / 16) * chunk_stride + (i % 16) * D, V alike. chunk_stride = 16 * D reads contiguous [N, D] arrays;
+  // 32 * D with v = k + 16 * D reads the store's interleaved K/V units. While a run is folded, the run `ahead`
+  // places on (runs[n .. n_listed) are listed only for this) is prefetched; ahead = 0 prefetches nothing.
+  void (*attend_runs)(const RowRun* runs, int64_t n, int64_t n_listed, int64_t ahead, int64_t chunk_stride,
+                      const PreparedQuery& q, int G, int D, DType dt, const OnlineSoftmax& st);
   // Sum of the 64-bit words of [p, p + bytes) (bytes a multiple of 8): a plain streaming read with the
   // widest loads, for measuring the host read-bandwidth ceiling the kernels are compared against.
   uint64_t (*stream_sum)(const void* p, int64_t bytes);

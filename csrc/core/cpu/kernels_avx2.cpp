@@ -85,7 +85,7 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
 
 }  // namespace
 
-const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_rows, &stream_sum};
+const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_runs, &stream_sum};
 
 }  // namespace fluxion::core::cpu::avx2
 #pragma GCC pop_options

@@ -85,6 +85,287 @@ struct Ops {
 
 #include "core/cpu/kernels_impl.inc"
 
+#ifdef FLUXION_AVX512_AMX
+// Palette 1 tile configuration (the 64-byte operand of ldtilecfg).
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// The tiles every AMX kernel here uses: 16 rows of 64 bytes each.
+inline void load_tile_config() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = 16;
+    cfg.colsb[t] = 64;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// Scores of the 16 K rows of a unit for the 16 heads of B tiles 1.. (q_amx_qk, loaded by the caller):
+// C[t][h] = q_bf16[h] . k[t] in tile C (0 or 7), one tile product per 32 elements of D; 5 and 6 alternate as
+// the K tile. The caller stores C a unit later, so the products run while the previous unit's P V does.
+// (The tile intrinsics paste their tile numbers into the instruction: they must be literals, hence a macro.)
+#define FLUXION_QK_ISSUE_AMX(NAME, C)                  \
+  template <int D>                                     \
+  inline void NAME(const uint16_t* kc) {               \
+    static_assert(D == 64 || D == 128, "head_dim 64 or 128"); \
+    _tile_zero(C);                                     \
+    _tile_loadd(5, kc, D * 2);                         \
+    _tile_loadd(6, kc + 32, D * 2);                    \
+    _tile_dpbf16ps(C, 5, 1);                           \
+    _tile_dpbf16ps(C, 6, 2);                           \
+    if constexpr (D == 128) {                          \
+      _tile_loadd(5, kc + 64, D * 2);                  \
+      _tile_loadd(6, kc + 96, D * 2);                  \
+      _tile_dpbf16ps(C, 5, 3);                         \
+      _tile_dpbf16ps(C, 6, 4);                         \
+    }                                                  \
+  }
+FLUXION_QK_ISSUE_AMX(qk_issue_amx0, 0)
+FLUXION_QK_ISSUE_AMX(qk_issue_amx7, 7)
+#undef FLUXION_QK_ISSUE_AMX
+template <int D>
+inline void load_q_tiles(const uint16_t* qb) {
+  _tile_loadd(1, qb, 64);
+  _tile_loadd(2, qb + 512, 64);
+  if constexpr (D == 128) {
+    _tile_loadd(3, qb + 1024, 64);
+    _tile_loadd(4, qb + 1536, 64);
+  }
+}
+#endif
+
+// ---- attention, AVX-512 ----
+// The generic attend_rows converts each V row per head (or stages it in an fp32 buffer) and reduces scores
+// with scalar bookkeeping; on one core that arithmetic, not the memory, bounded the CPU task. Here:
+//  - bf16 V rows are widened two vectors per 64-byte load (x << 16 gives the even elements, x & 0xffff0000
+//    the odd ones), so the running output of a head is kept with each 32-element chunk split [even | odd]
+//    while a call runs (permuted in place on entry, back on exit);
+//  - every V row is widened once for up to four heads, whose accumulators stay in registers over the unit;
+//  - the softmax bookkeeping is one vector per head and unit; the rescale is skipped when the max holds.
+constexpr int kPvHeads = 4;  // heads whose accumulators share one widened V row
+
+// acc[32c .. 32c+31] natural <-> [even | odd] for each 32-element chunk of one head's row of D.
+template <int D>
+void split_even_odd(float* acc) {
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+  for (int c = 0; c < D; c += 32) {
+    const __m512 a = _mm512_loadu_ps(acc + c), b = _mm512_loadu_ps(acc + c + 16);
+    _mm512_storeu_ps(acc + c, _mm512_permutex2var_ps(a, even, b));
+    _mm512_storeu_ps(acc + c + 16, _mm512_permutex2var_ps(a, odd, b));
+  }
+}
+template <int D>
+void join_even_odd(float* acc) {
+  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  for (int c = 0; c < D; c += 32) {
+    const __m512 e = _mm512_loadu_ps(acc + c), o = _mm512_loadu_ps(acc + c + 16);
+    _mm512_storeu_ps(acc + c, _mm512_permutex2var_ps(e, lo, o));
+    _mm512_storeu_ps(acc + c + 16, _mm512_permutex2var_ps(e, hi, o));
+  }
+}
+
+// acc[i] = acc[i] * alpha[i] + sum_t p[i][t] * V[t] over rows [ta, tb) of one unit, for NH heads. bf16 rows are
+// widened [even | odd] per 32 elements (the accumulators' layout during a call); fp16 rows in order.
+template <int D, bool kBf16, int NH>
+inline void pv_unit(const uint16_t* vc, int ta, int tb, float* const* acc, const float* alpha, const float (*p)[16],
+                    const Prefetch& next, int64_t row0, int64_t nrows) {
+  constexpr int DB = 64;        // output elements per register block: NH * 4 accumulators
+  constexpr int NB = DB / 16;
+  const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
+  for (int d0 = 0; d0 < D; d0 += DB) {
+    __m512 a[NH][NB];
+    for (int i = 0; i < NH; ++i)
+      for (int j = 0; j < NB; ++j) {
+        a[i][j] = _mm512_loadu_ps(acc[i] + d0 + 16 * j);
+        if (alpha[i] != 1.f) a[i][j] = _mm512_mul_ps(a[i][j], _mm512_set1_ps(alpha[i]));
+      }
+    for (int t = ta; t < tb; ++t) {
+      if (d0 == 0 && next.ptr) prefetch_slice(next, row0 + t, nrows);
+      const uint16_t* row = vc + int64_t(t) * D + d0;
+      __m512 x[NB];
+      if constexpr (kBf16) {
+        for (int j = 0; j < NB; j += 2) {
+          const __m512i w = _mm512_loadu_si512(row + 16 * j);
+          x[j] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+          x[j + 1] = _mm512_castsi512_ps(_mm512_and_si512(w, hi_mask));
+        }
+      } else {
+        for (int j = 0; j < NB; ++j) x[j] = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 16 * j)));
+      }
+      for (int i = 0; i < NH; ++i) {
+        const __m512 pt = _mm512_set1_ps(p[i][t]);
+        for (int j = 0; j < NB; ++j) a[i][j] = _mm512_fmadd_ps(pt, x[j], a[i][j]);
+      }
+    }
+    for (int i = 0; i < NH; ++i)
+      for (int j = 0; j < NB; ++j) _mm512_storeu_ps(acc[i] + d0 + 16 * j, a[i][j]);
+  }
+}
+
+// Scores scale * q.k of the 16 rows of one unit for head h (rows outside [ta, tb) are computed on row ta).
+template <int D, bool kBf16>
+inline __m512 unit_scores(const uint16_t* kc, int ta, int tb, const PreparedQuery& q, int h, float* kbuf) {
+  __m512 a[16];
+  for (int t = 0; t < 16; ++t) a[t] = _mm512_setzero_ps();
+  alignas(64) float s[16];
+  if constexpr (kBf16 && Ops::kBf16Dot) {
+    const uint16_t* qb = q.q_bf16 + h * D;
+    for (int c = 0; c < D; c += 32)
+      for (int t = 0; t < 16; ++t) a[t] = Ops::dot_bf16(qb + c, kc + (t >= ta && t < tb ? t : ta) * D + c, a[t]);
+    Ops::reduce16(a, s);
+    return _mm512_mul_ps(_mm512_load_ps(s), _mm512_set1_ps(q.scale));
+  } else {
+    // kbuf: the unit's K rows widened to fp32 once per unit (by the caller's first head).
+    const float* qh = q.q_scaled + h * D;
+    for (int c = 0; c < D; c += 16) {
+      const __m512 qv = _mm512_loadu_ps(qh + c);
+      for (int t = 0; t < 16; ++t) a[t] = _mm512_fmadd_ps(qv, _mm512_load_ps(kbuf + (t >= ta && t < tb ? t : ta) * D + c), a[t]);
+    }
+    Ops::reduce16(a, s);
+    return _mm512_load_ps(s);
+  }
+}
+
+template <int D, bool kBf16>
+void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t ahead, int64_t chunk_stride,
+                        const PreparedQuery& q, int G, const OnlineSoftmax& st) {
+  constexpr bool kDot = kBf16 && Ops::kBf16Dot;
+  const uint64_t heads_of_g = G >= 64 ? ~uint64_t(0) : (uint64_t(1) << G) - 1;
+  auto has_work = [&](int64_t i) { return runs[i].row_hi > runs[i].row_lo && (runs[i].mask & heads_of_g) != 0; };
+  auto skip = [&](int64_t i) {  // first run >= i with rows and heads
+    while (i < n && !has_work(i)) ++i;
+    return i;
+  };
+  uint64_t used = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (has_work(i)) used |= runs[i].mask & heads_of_g;
+  if (used == 0) return;
+  if constexpr (kBf16)
+    for (uint64_t m = used; m; m &= m - 1) split_even_odd<D>(st.acc + int64_t(__builtin_ctzll(m)) * D);
+  alignas(64) float kbuf[kDot ? 1 : 16 * D];
+  alignas(64) float p[64][16];
+  alignas(64) float cbuf[16 * 16];  // AMX scores [row][head]
+  float alpha[64];
+  int heads[64], live[64];  // heads of the run; those with a finite max after the unit
+#ifdef FLUXION_AVX512_AMX
+  const bool amx = kBf16 && q.q_amx_qk != nullptr && G <= 16;
+  if (amx) {
+    load_tile_config();
+    load_q_tiles<D>(q.q_amx_qk);
+  }
+  const __m512i column = _mm512_setr_epi32(0, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 208, 224, 240);
+#else
+  constexpr bool amx = false;
+#endif
+  // Units scored on AMX: whole ones only (a partial unit's other rows may lie past the caller's array).
+  auto amx_unit = [&](int64_t i, int64_t c0) {
+    return amx && i < n && c0 * 16 >= runs[i].row_lo && (c0 + 1) * 16 <= runs[i].row_hi;
+  };
+  int64_t i = skip(0), c0 = i < n ? runs[i].row_lo / 16 : 0;
+#ifdef FLUXION_AVX512_AMX
+  if (amx_unit(i, c0)) qk_issue_amx0<D>(runs[i].k + c0 * chunk_stride);
+#endif
+  int nh = 0;
+  for (bool odd = false; i < n; odd = !odd) {
+    const RowRun& r = runs[i];
+    if (c0 == r.row_lo / 16) {  // first unit of the run
+      nh = 0;
+      for (uint64_t m = r.mask & heads_of_g; m; m &= m - 1) heads[nh++] = __builtin_ctzll(m);
+    }
+    // The unit after this one: the next of this run, or the first of the next run with work.
+    int64_t ni = i, nc = c0 + 1;
+    if (nc * 16 >= r.row_hi) {
+      ni = skip(i + 1);
+      nc = ni < n ? runs[ni].row_lo / 16 : 0;
+    }
+    const uint16_t* kc = r.k + c0 * chunk_stride;
+    const uint16_t* vc = r.v + c0 * chunk_stride;
+    const int ta = r.row_lo > c0 * 16 ? int(r.row_lo - c0 * 16) : 0;
+    const int tb = r.row_hi < (c0 + 1) * 16 ? int(r.row_hi - c0 * 16) : 16;
+    const __mmask16 valid = __mmask16(((1u << tb) - 1u) & ~((1u << ta) - 1u));
+    if constexpr (!kDot) {
+      for (int t = ta; t < tb; ++t)
+        for (int c = 0; c < D; c += 16) _mm512_store_ps(kbuf + t * D + c, load_kv<kBf16>(kc + t * D + c));
+    }
+    // A whole unit's scores for every head at once from AMX tiles, issued one unit ahead so the tile products
+    // run during this unit's P V.
+    const bool unit_amx = amx_unit(i, c0);
+#ifdef FLUXION_AVX512_AMX
+    if (unit_amx) {
+      if (odd) _tile_stored(7, cbuf, 64);
+      else _tile_stored(0, cbuf, 64);
+    }
+    if (amx_unit(ni, nc)) {
+      if (odd) qk_issue_amx0<D>(runs[ni].k + nc * chunk_stride);
+      else qk_issue_amx7<D>(runs[ni].k + nc * chunk_stride);
+    }
+#endif
+    int nlive = 0;
+    for (int j = 0; j < nh; ++j) {
+      const int h = heads[j];
+      __m512 s;
+#ifdef FLUXION_AVX512_AMX
+      if (unit_amx)
+        s = _mm512_mul_ps(_mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32(h)), cbuf, 4),
+                          _mm512_set1_ps(q.scale));
+      else
+#endif
+        s = _mm512_mask_blend_ps(valid, _mm512_set1_ps(kNegInf), unit_scores<D, kBf16>(kc, ta, tb, q, h, kbuf));
+      const float m_old = st.m[h];
+      const float smax = _mm512_reduce_max_ps(s);
+      const float m_new = m_old > smax ? m_old : smax;
+      if (m_new == kNegInf) continue;  // nothing finite yet (NaN-free inputs always give a finite max)
+      const __m512 pv = Ops::exp(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));
+      _mm512_store_ps(p[nlive], pv);
+      const float a = m_old == m_new ? 1.f : m_old == kNegInf ? 0.f : __builtin_expf(m_old - m_new);
+      st.l[h] = st.l[h] * a + _mm512_reduce_add_ps(pv);
+      st.m[h] = m_new;
+      alpha[nlive] = a;
+      live[nlive++] = h;
+    }
+    // The run `ahead` places on is prefetched over this run's rows.
+    const Prefetch next = ahead > 0 && i + ahead < n_listed ? run_prefetch(runs[i + ahead], chunk_stride) : Prefetch{};
+    const int64_t row0 = c0 * 16 - r.row_lo, nrows = r.row_hi - r.row_lo;
+    for (int i0 = 0; i0 < nlive; i0 += kPvHeads) {
+      float* acc[kPvHeads];
+      const int cnt = nlive - i0 < kPvHeads ? nlive - i0 : kPvHeads;
+      for (int j = 0; j < cnt; ++j) acc[j] = st.acc + int64_t(live[i0 + j]) * D;
+      const Prefetch nx = i0 == 0 ? next : Prefetch{};
+      switch (cnt) {
+        case 1: pv_unit<D, kBf16, 1>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
+        case 2: pv_unit<D, kBf16, 2>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
+        case 3: pv_unit<D, kBf16, 3>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
+        default: pv_unit<D, kBf16, 4>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
+      }
+    }
+    i = ni;
+    c0 = nc;
+  }
+  if constexpr (kBf16)
+    for (uint64_t m = used; m; m &= m - 1) join_even_odd<D>(st.acc + int64_t(__builtin_ctzll(m)) * D);
+#ifdef FLUXION_AVX512_AMX
+  if (amx) _tile_release();
+#endif
+}
+
+void attend_runs_fast(const RowRun* runs, int64_t n, int64_t n_listed, int64_t ahead, int64_t chunk_stride,
+                      const PreparedQuery& q, int G, int D, DType dt, const OnlineSoftmax& st) {
+  const bool bf16 = dt == DType::kBFloat16;
+  if (D == 128) {
+    if (bf16) attend_runs_avx512<128, true>(runs, n, n_listed, ahead, chunk_stride, q, G, st);
+    else attend_runs_avx512<128, false>(runs, n, n_listed, ahead, chunk_stride, q, G, st);
+  } else {
+    if (bf16) attend_runs_avx512<64, true>(runs, n, n_listed, ahead, chunk_stride, q, G, st);
+    else attend_runs_avx512<64, false>(runs, n, n_listed, ahead, chunk_stride, q, G, st);
+  }
+}
+
 // Four independent accumulators of 64-byte loads: far more load throughput than DRAM can feed one core.
 uint64_t stream_sum(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
@@ -109,14 +390,6 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
 }
 
 #ifdef FLUXION_AVX512_AMX
-// Palette 1 tile configuration (the 64-byte operand of ldtilecfg).
-struct TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
 // One tile product per 16 rows, K chunk of 32 and 16-head group: C[row, head] += A[row, 32 of [min | max]] *
 // B[32, head] with B the matching 32 of [q_neg | q_pos] (q.q_amx). Tiles 0-3 accumulate four 16-row groups (a
 // 64-row page) so each B tile is loaded once per four products; 4 holds B, 5 and 6 alternate as A. (The tile
@@ -128,12 +401,7 @@ void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q,
   if (full < nrows)
     score_rows(meta + full * 2 * D, nrows - full, q, G, D, dt, scores + full, stride, full ? Prefetch{} : next);
   if (full == 0) return;
-  TileConfig cfg;
-  for (int t = 0; t < 7; ++t) {
-    cfg.rows[t] = 16;
-    cfg.colsb[t] = 64;
-  }
-  _tile_loadconfig(&cfg);
+  load_tile_config();
   const int kchunks = 2 * D / 32;
   const int64_t row_bytes = 2 * int64_t(D) * 2;
   const int64_t steps = (full + 63) / 64 * kchunks * ((G + 15) / 16);
@@ -187,9 +455,9 @@ void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q,
 }  // namespace
 
 #ifdef FLUXION_AVX512_AMX
-const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows_amx, &attend_rows, &stream_sum};
+const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows_amx, &attend_runs_fast, &stream_sum};
 #else
-const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_rows, &stream_sum};
+const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_runs_fast, &stream_sum};
 #endif
 
 }  // namespace fluxion::core::cpu::FLUXION_AVX512_NS

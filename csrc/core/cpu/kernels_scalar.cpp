@@ -48,6 +48,6 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
 
 }  // namespace
 
-const KernelTable kTable = {Isa::kScalar, &score_rows, &attend_rows, &stream_sum};
+const KernelTable kTable = {Isa::kScalar, &score_rows, &attend_runs, &stream_sum};
 
 }  // namespace fluxion::core::cpu::scalar

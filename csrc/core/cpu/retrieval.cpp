@@ -72,10 +72,10 @@ void for_each_dynamic(const Executor& ex, int64_t n, const std::function<void(in
 
 PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
   const int64_t n = int64_t(G) * D;
-  const int groups = (G + 15) / 16, kchunks = 2 * D / 32;
-  const int64_t amx_elems = int64_t(groups) * kchunks * 512;
+  const int groups = (G + 15) / 16;
+  const int64_t bound_elems = int64_t(groups) * (2 * D / 32) * 512, qk_elems = int64_t(groups) * (D / 32) * 512;
   f32.resize(size_t(3 * n));
-  bf16.resize(size_t(3 * n + amx_elems));
+  bf16.resize(size_t(3 * n + bound_elems + qk_elems));
   for (int64_t i = 0; i < n; ++i) {
     const float pos = q[i] > 0.f ? q[i] : 0.f, neg = q[i] < 0.f ? q[i] : 0.f;
     f32[size_t(i)] = pos;
@@ -85,19 +85,25 @@ PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
     bf16[size_t(n + i)] = float_to_bf16(neg);
     bf16[size_t(2 * n + i)] = float_to_bf16(q[i]);
   }
+  // AMX B tiles of rows of `len` elements, row(head)[j] = elem(head, j): [groups, len/32, 16, 16, 2].
+  auto tiles = [&](uint16_t* dst, int len, auto elem) {
+    const int kchunks = len / 32;
+    for (int g = 0; g < groups; ++g)
+      for (int kc = 0; kc < kchunks; ++kc)
+        for (int k = 0; k < 16; ++k)
+          for (int c = 0; c < 16; ++c)
+            for (int e = 0; e < 2; ++e) {
+              const int head = g * 16 + c, j = kc * 32 + 2 * k + e;
+              dst[((int64_t(g) * kchunks + kc) * 16 + k) * 32 + c * 2 + e] = head < G ? elem(head, j) : uint16_t(0);
+            }
+  };
   uint16_t* amx = bf16.data() + 3 * n;
-  for (int g = 0; g < groups; ++g)
-    for (int kc = 0; kc < kchunks; ++kc)
-      for (int k = 0; k < 16; ++k)
-        for (int c = 0; c < 16; ++c)
-          for (int e = 0; e < 2; ++e) {
-            const int head = g * 16 + c, j = kc * 32 + 2 * k + e;
-            uint16_t v = 0;
-            if (head < G) v = j < D ? bf16[size_t(n + head * D + j)] : bf16[size_t(head * D + j - D)];
-            amx[((int64_t(g) * kchunks + kc) * 16 + k) * 32 + c * 2 + e] = v;
-          }
+  uint16_t* amx_qk = amx + bound_elems;
+  tiles(amx, 2 * D, [&](int head, int j) { return j < D ? bf16[size_t(n + head * D + j)] : bf16[size_t(head * D + j - D)]; });
+  tiles(amx_qk, D, [&](int head, int j) { return bf16[size_t(2 * n + head * D + j)]; });
   PreparedQuery p;
   p.q_amx = amx;
+  p.q_amx_qk = amx_qk;
   p.q_pos = f32.data();
   p.q_neg = f32.data() + n;
   p.q_scaled = f32.data() + 2 * n;
@@ -203,23 +209,21 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
 void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                    const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
                    const OnlineSoftmax& st, int64_t prefetch_blocks) {
-  const KernelTable& kt = kernels();
-  prefetch_blocks = std::max(prefetch_blocks, nblocks);
   const int D = view.layout.head_dim;
   const int64_t run_elems = view.layout.block_elems(block_size);
-  const int64_t unit_stride = view.layout.unit_elems();
   const int64_t v_in_unit = int64_t(PageLayout::kUnitTokens) * D;
-  // Every block is one contiguous run; while attending one, prefetch the one `ahead` blocks later.
+  // Every block is one contiguous run; while attending one, the kernel prefetches the one `ahead` blocks later.
   const int64_t ahead = runs_ahead(run_elems * 2);
-  for (int64_t i = 0; i < nblocks; ++i) {
+  const int64_t listed = std::min(std::max(prefetch_blocks, nblocks), nblocks + ahead);
+  thread_local std::vector<RowRun> runs;
+  runs.resize(size_t(listed));
+  for (int64_t i = 0; i < listed; ++i) {
     const int64_t t0 = int64_t(blocks[i]) * block_size;
-    const int64_t lo = std::max(t0, tok_begin) - t0, hi = std::min(t0 + block_size, tok_end) - t0;
-    if (hi <= lo) continue;
-    Prefetch next;
-    if (ahead > 0 && i + ahead < prefetch_blocks) next = Prefetch{block_run(view, b, kv_head, blocks[i + ahead], block_size), run_elems * 2};
     const uint16_t* run = block_run(view, b, kv_head, blocks[i], block_size);
-    kt.attend_rows(run, run + v_in_unit, lo, hi, unit_stride, q, G, masks[i], D, view.dtype, st, next);
+    runs[size_t(i)] = RowRun{run, run + v_in_unit, std::max(t0, tok_begin) - t0, std::min(t0 + block_size, tok_end) - t0,
+                             i < nblocks ? masks[i] : 0};
   }
+  kernels().attend_runs(runs.data(), nblocks, listed, ahead, view.layout.unit_elems(), q, G, D, view.dtype, st);
 }
 
 void init_state(const OnlineSoftmax& st, int G, int D) {
