@@ -540,6 +540,7 @@ class HybridAttentionRuntime:
         into cpu_select_s = scoring + top-k + union and cpu_attend_s = attention + merge), gpu_busy_s
         (GPU batches of shared steps from launch to completion), step_s, model_wait_s (the part of step_s and append_s
         a shared step spent waiting for its q, i.e. for the model's own GPU work before the layer's attention),
+        plan_s (planning each layer step, uploading its plan, launching the window append),
         gpu_alone_steps (layer steps small
         enough to run on the GPU alone without a host sync, see min_shared_volume), graph_steps (decode steps
         whose attention ran inside a whole-step CUDA graph, see graph_begin; the host timers do not cover them)
@@ -558,7 +559,8 @@ class HybridAttentionRuntime:
             total.update(append_s=total.get("append_s", 0.0) + c["append_s"], dense_s=c["dense_s"],
                          retrieval_s=c["retrieval_s"], cpu_busy_s=c["cpu_busy_s"], gpu_busy_s=c["gpu_busy_s"],
                          cpu_select_s=c["cpu_select_s"], cpu_attend_s=c["cpu_attend_s"],
-                         merge_s=c["merge_s"], step_s=c["step_s"], model_wait_s=c["model_wait_s"], bytes_cpu=int(c["cpu_bytes"]),
+                         merge_s=c["merge_s"], step_s=c["step_s"], model_wait_s=c["model_wait_s"],
+                         plan_s=c["plan_s"], bytes_cpu=int(c["cpu_bytes"]),
                          bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]),
                          gpu_alone_steps=int(c["gpu_alone_steps"]), graph_steps=int(c["graph_steps"]))
             total.pop("retrieval_cpu_s", None)

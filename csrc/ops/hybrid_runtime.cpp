@@ -210,6 +210,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     max_frames = std::max<int64_t>(max_frames, lens_before[size_t(b)] / store->store->layout().page_tokens + 1);
   }
   core::TaskQueue queue(plan_tasks(lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>()));
+  plan_s += since(t);
+  t = Clock::now();
   // A small step runs on the GPU alone, without waiting for the device: the host enqueues it and returns,
   // which keeps the GPU's queue full (a CPU share would need q on the host, i.e. a sync whose latency costs
   // more than the CPU saves). Larger steps share the queue between the CPU and the GPU.
@@ -251,6 +253,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
 #endif
     store->append(layer, ids, k_h, v_h, c10::nullopt);
   }
+  append_s += since(t);
+  t = Clock::now();
 
   // The plan goes to the device in one page-locked copy (one allocation, one transfer, no per-batch uploads),
   // task groups in queue order.
@@ -265,7 +269,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   at::Tensor lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev;  // (lambdas below capture them)
   std::tie(lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev) = layout.views(plan_dev);
   op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, lens_before_dev.unsqueeze(1), sink);
-  append_s += since(t);
+  plan_s += since(t);
 
   // 3. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
   t = Clock::now();
@@ -603,6 +607,7 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
   d.insert("steps", double(steps));
   d.insert("append_s", append_s);
   d.insert("model_wait_s", model_wait_s);
+  d.insert("plan_s", plan_s);
   d.insert("dense_s", dense_s);
   d.insert("retrieval_s", retrieval_s);
   d.insert("cpu_busy_s", cpu_busy_s);
@@ -629,7 +634,7 @@ void HybridRuntime::reset_stats() {
   gpu_bytes_pending = at::Tensor();
   graph_steps_ = 0;
   if (graph_bytes_.defined()) graph_bytes_.zero_();
-  model_wait_s = append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
+  model_wait_s = plan_s = append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
 }
 
 // Called from store_class.cpp's registration, after HostKVStore's: the class takes a HostKVStore, so its

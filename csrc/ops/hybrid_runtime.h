@@ -46,6 +46,9 @@ struct HybridRuntime : torch::CustomClassHolder {
   // model_wait_s: a shared step's wait for q, i.e. for the model's GPU work before this layer's attention (part
   // of append_s and step_s; not attention).
   double model_wait_s = 0;
+  // plan_s: planning the layer step, uploading the plan, launching the window append; append_s: the new token
+  // into the host store (staging copies, the wait for q, the store write).
+  double plan_s = 0;
   double append_s = 0, dense_s = 0, retrieval_s = 0, shared_retrieval_s = 0, cpu_busy_s = 0, gpu_busy_s = 0, merge_s = 0, step_s = 0;
 
   HybridRuntime(c10::intrusive_ptr<StoreHolder> store, int64_t num_q_heads, const std::string& device, int64_t sink,

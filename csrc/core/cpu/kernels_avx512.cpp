@@ -1,6 +1,7 @@
 // AVX-512 (F/BW/VL/DQ) kernels, and with FLUXION_AVX512_BF16 defined (kernels_avx512_bf16.cpp) the variant
 // that also uses AVX512_BF16 dot products. Only reached when the CPU reports these features (isa.cpp).
 #include <cstdint>
+#include <cstdlib>
 
 #ifndef FLUXION_AVX512_NS
 #define FLUXION_AVX512_NS avx512
@@ -232,6 +233,16 @@ inline __m512 unit_scores(const uint16_t* kc, int ta, int tb, const PreparedQuer
   }
 }
 
+// Runs with fewer heads than this score their units with vdpbf16ps instead of AMX tiles (FLUXION_AMX_MIN_HEADS
+// overrides the default, for tuning).
+inline int amx_min_heads() {
+  static const int n = [] {
+    const char* env = std::getenv("FLUXION_AMX_MIN_HEADS");
+    return env ? std::atoi(env) : 2;
+  }();
+  return n;
+}
+
 template <int D, bool kBf16>
 void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t ahead, int64_t chunk_stride,
                         const PreparedQuery& q, int G, const OnlineSoftmax& st) {
@@ -263,9 +274,11 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
 #else
   constexpr bool amx = false;
 #endif
-  // Units scored on AMX: whole ones only (a partial unit's other rows may lie past the caller's array).
+  // Units scored on AMX: whole ones only (a partial unit's other rows may lie past the caller's array), of runs
+  // with at least amx_min_heads() heads.
   auto amx_unit = [&](int64_t i, int64_t c0) {
-    return amx && i < n && c0 * 16 >= runs[i].row_lo && (c0 + 1) * 16 <= runs[i].row_hi;
+    return amx && i < n && c0 * 16 >= runs[i].row_lo && (c0 + 1) * 16 <= runs[i].row_hi &&
+           __builtin_popcountll(runs[i].mask & heads_of_g) >= amx_min_heads();
   };
   int64_t i = skip(0), c0 = i < n ? runs[i].row_lo / 16 : 0;
 #ifdef FLUXION_AVX512_AMX

@@ -28,20 +28,25 @@ int64_t item_size(int64_t total, int threads, int64_t lo, int64_t hi) {
   return std::clamp<int64_t>(total / (4 * int64_t(std::max(threads, 1))), lo, hi);
 }
 
-// How far ahead the kernels prefetch, in bytes of the runs they read next (FLUXION_PREFETCH_BYTES overrides
-// the default, for tuning; 0 turns prefetching off). Measured on the 2-core dev VM: prefetching the run
-// 16 KiB ahead, spread over the current run's work, cut the block-16 task by ~20%; 64 KiB was no better.
-int64_t prefetch_bytes() {
-  static const int64_t d = [] {
+// How far ahead the kernels prefetch, in bytes of the runs they read next, when `threads` threads read at once
+// (FLUXION_PREFETCH_BYTES overrides it, for tuning; 0 turns prefetching off). A lone core is bound by the
+// latency of its reads and gains from prefetching far ahead; many cores together fill the memory system, and
+// deep prefetching then only adds traffic. Measured on the H200 box's CPU (budget 0.05, block 16, 128K; the
+// CPU task's GB/s): 1 thread 7.0 with 16 KiB, 8.2-8.9 with 64-128 KiB; 2 threads 12.4 (64 KiB), 14.1 (32 KiB);
+// 8 threads 41.6 (32 KiB), 37.4 (128 KiB); 14 threads 74.7 (16 KiB), 58.8 (64 KiB).
+int64_t prefetch_bytes(int threads) {
+  static const int64_t forced = [] {
     const char* env = std::getenv("FLUXION_PREFETCH_BYTES");
-    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(16) << 10;
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(-1);
   }();
-  return d;
+  if (forced >= 0) return forced;
+  if (threads == 1) return int64_t(64) << 10;
+  return threads > 0 && threads <= 8 ? int64_t(32) << 10 : int64_t(16) << 10;
 }
 
 // Runs ahead to prefetch for runs of `run_bytes`: at least one when prefetching is on.
-int64_t runs_ahead(int64_t run_bytes) {
-  const int64_t b = prefetch_bytes();
+int64_t runs_ahead(int64_t run_bytes, int threads) {
+  const int64_t b = prefetch_bytes(threads);
   return b == 0 ? 0 : std::max<int64_t>(1, (b + run_bytes - 1) / run_bytes);
 }
 
@@ -123,7 +128,7 @@ void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_si
   const int D = view.layout.head_dim;
   const int64_t row_bytes = 2 * D * 2;
   // The table of each page is one run; while scoring one, prefetch the one `ahead` pages later.
-  const int64_t ahead = runs_ahead(per_page * row_bytes);
+  const int64_t ahead = runs_ahead(per_page * row_bytes, 0);
   prefetch_end = std::max(prefetch_end, blk_end);
   auto table = [&](int64_t j, int64_t end) {  // rows of blocks [j, end of j's page) within [j, end)
     const int64_t in_page = j % per_page;
@@ -208,12 +213,12 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
 
 void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                    const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
-                   const OnlineSoftmax& st, int64_t prefetch_blocks) {
+                   const OnlineSoftmax& st, int64_t prefetch_blocks, int threads) {
   const int D = view.layout.head_dim;
   const int64_t run_elems = view.layout.block_elems(block_size);
   const int64_t v_in_unit = int64_t(PageLayout::kUnitTokens) * D;
   // Every block is one contiguous run; while attending one, the kernel prefetches the one `ahead` blocks later.
-  const int64_t ahead = runs_ahead(run_elems * 2);
+  const int64_t ahead = runs_ahead(run_elems * 2, threads);
   const int64_t listed = std::min(std::max(prefetch_blocks, nblocks), nblocks + ahead);
   thread_local std::vector<RowRun> runs;
   runs.resize(size_t(listed));
@@ -371,6 +376,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   const auto t_selected = Clock::now();
 
   // 4. Attention over chunks of the union: partial states (out, lse) per item.
+  const int readers = int(std::min<int64_t>(std::max(ex.num_threads, 1), std::max<int64_t>(int64_t(items.size()), 1)));
   std::vector<float> part_out(size_t(items.size()) * GD), part_lse(size_t(items.size()) * G);
   std::vector<std::vector<float>> state(size_t(std::max(ex.num_threads, 1)), std::vector<float>(size_t(GD + 2 * G)));
   for_each_dynamic(ex, int64_t(items.size()), [&](int64_t i, int w) {
@@ -383,7 +389,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     init_state(st, G, D);
     attend_blocks(view, task.b, task.kv_head, G, task.block_size, queries[size_t(t)], &p.blocks[size_t(first)],
                   &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st,
-                  int64_t(p.blocks.size()) - first);
+                  int64_t(p.blocks.size()) - first, readers);
     finalize_state(st, G, D, &part_out[size_t(i * GD)], &part_lse[size_t(i * G)]);
   });
 

@@ -72,10 +72,11 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
 
 // Folds the tokens of `blocks[i]` (restricted to [tok_begin, tok_end)) into the state of each head whose
 // bit is set in masks[i]. blocks[nblocks .. prefetch_blocks) (default: none) are only prefetched: the blocks the
-// next piece of the same list will read.
+// next piece of the same list will read. `threads`: how many threads read the store at once (it sets how far
+// ahead to prefetch; 0 = many).
 void attend_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
                    const int32_t* blocks, const uint64_t* masks, int64_t nblocks, int64_t tok_begin, int64_t tok_end,
-                   const OnlineSoftmax& st, int64_t prefetch_blocks = -1);
+                   const OnlineSoftmax& st, int64_t prefetch_blocks = -1, int threads = 0);
 
 void init_state(const OnlineSoftmax& st, int G, int D);
 // out = acc / l, lse = m + log(l); heads with nothing attended get out 0 and lse -inf.
