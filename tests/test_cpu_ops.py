@@ -95,7 +95,7 @@ def test_sparse_attention_matches_reference(dtype, d, group):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 4, 8, 20])  # 20: more query heads per KV head than one AMX tile holds
 def test_retrieval_attention_matches_reference(dtype, d, group, simd):
     lens = [1500, 333, 97, 1]
     hkv = 2
@@ -127,6 +127,22 @@ def test_retrieval_attention_matches_reference(dtype, d, group, simd):
             union |= set(R.topk_blocks(scores[i], kk).tolist()) if kk else set()
         want = (len(cand) * 2 * d * 2 if scored else 0) + len(union) * 2 * bs * d * 2
         assert int(nbytes[b, kvh]) == want, (gid, int(nbytes[b, kvh]), want)
+
+
+@pytest.mark.parametrize("group", [4, 8])
+def test_retrieval_attention_every_block_matches_reference(group, simd):
+    """Mode 'full': every head takes every block, so every block is attended by the whole group at once (the
+    kernels' multi-head path: V widened once for several heads, q.k of whole units on AMX where present)."""
+    lens = [3000, 1234]
+    hkv = 2
+    hq = hkv * group
+    store, seqs, q, k, v = build(2, hq, hkv, lens, 128, torch.bfloat16)
+    budgets = torch.ones(2, hq)
+    block_sizes = torch.tensor([[16, 32], [64, 128]], dtype=torch.int32)
+    out, lse, _ = fluxion.retrieval_attention(q, **store.layer_args(0, seqs), budgets=budgets, block_sizes=block_sizes)
+    ro, rl = R.retrieval_attention(q, k, v, torch.tensor(lens), budgets, block_sizes, SINK, LOCAL, 128 ** -0.5)
+    torch.testing.assert_close(out, ro, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, rl, atol=ATOL, rtol=RTOL)
 
 
 @pytest.mark.parametrize("page_tokens", [1024, 128])
