@@ -62,6 +62,18 @@ def _sdpa(q, k, v, mask, scale, is_causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, is_causal=is_causal)
 
 
+def _fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor | None:
+    """Causal SDPA through a fused kernel only (flash / memory-efficient / cuDNN, never the math backend's T x T
+    score matrix); None when no fused kernel takes these inputs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    try:
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+            return _sdpa(q, k, v, None, scale, is_causal=True)
+    except RuntimeError:
+        return None
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      valid: torch.Tensor | None = None, past_len: torch.Tensor | None = None,
                      chunk: int = 2048) -> torch.Tensor:
@@ -74,8 +86,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     B, _, T, _ = q.shape
     P = k.shape[2] - T
     dev = q.device
-    if valid is None and P == 0 and T <= chunk:
-        return _sdpa(q, k, v, None, scale, is_causal=T > 1)
+    if valid is None and P == 0:
+        if T <= chunk:
+            return _sdpa(q, k, v, None, scale, is_causal=T > 1)
+        # A whole unpadded prompt: one fused causal kernel never forms the T x T scores, so it needs no chunks
+        # (chunks with explicit masks would run a slower masked kernel over every earlier key).
+        out = _fused_causal(q, k, v, scale)
+        if out is not None:
+            return out
     out = torch.empty_like(q)
     new_ok = valid.to(dev, torch.bool) if valid is not None else torch.ones(B, T, dtype=torch.bool, device=dev)
     if P:

@@ -104,6 +104,31 @@ def test_full_mode_matches_hf_logits(model):
     torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
 
 
+def test_prompt_longer_than_prefill_chunk_matches_hf(model):
+    """An unpadded prompt longer than prefill_chunk runs as one fused causal kernel; a padded one in masked
+    chunks. Both must give HF's logits."""
+    ids, nxt = tokens(2, 300), tokens(2, 8, seed=3)
+    want_pre, want = run_logits(model, ids, nxt)
+    with fluxion.enabled(model, FluxionConfig(mode="full", prefill_chunk=64)):
+        got_pre, got = run_logits(model, ids, nxt)
+    torch.testing.assert_close(got_pre, want_pre, atol=ATOL, rtol=0)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+
+
+def test_causal_attention_fused_and_chunked_agree_with_reference():
+    from fluxion.runtime import causal_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 200, 32, generator=g) for h in (4, 2, 2))
+    scores = (q @ k.repeat_interleave(2, 1).transpose(-1, -2)) * 0.2
+    scores = scores.masked_fill(torch.ones(200, 200, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.softmax(scores, -1) @ v.repeat_interleave(2, 1)
+    fused = causal_attention(q, k, v, 0.2, chunk=64)  # no padding, no past: one fused kernel
+    chunked = causal_attention(q, k, v, 0.2, valid=torch.ones(2, 200, dtype=torch.bool), chunk=64)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(chunked, ref, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128])
 def test_budget_one_matches_hf_at_every_block_size(block_size):
     m = tiny_model("llama")
