@@ -122,7 +122,9 @@ class FluxionConfig:
     kv_dtype:       dtype of the host store and the dense window (bf16 / fp16). None = the model's dtype when
                     it is bf16/fp16, else float16 (the kernels read 16-bit K/V; fp16 keeps 3 more mantissa
                     bits than bf16 for fp32 models, and an overflow is reported at prefill).
-    prefill_chunk:  query tokens per SDPA call during prefill (bounds the score matrix at long prompts).
+    prefill_chunk:  query tokens per SDPA call during prefill where masks are needed (left padding, a stored
+                    past): bounds the score matrix at long prompts. An unpadded prompt with no past runs as one
+                    fused causal kernel instead, which never forms the scores.
     decode_backend: 'cpp' (default): the C++ step, ``torch.classes.fluxion.HybridRuntime``: one shared task
                     queue ordered by data volume, CPU workers and a GPU control thread each pulling the next task
                     when free (``gpu_share`` unused). 'python': the same step composed of the ops in Python with a
