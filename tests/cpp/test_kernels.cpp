@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <numeric>
 #include <set>
+#include <tuple>
 
 #include "catch_compat.h"
 #include "core/cpu/kernels.h"
@@ -268,4 +269,68 @@ TEST_CASE("retrieval task: full budget equals attention over the retrieval regio
     REQUIRE(lse[size_t(h)] == Approx(want_lse).margin(1e-4));
     for (int d = 0; d < D; ++d) REQUIRE(out[size_t(h * D + d)] == Approx(want[size_t(d)]).margin(1e-4));
   }
+}
+
+TEST_CASE("attend_runs over a list of runs equals naive attention on every SIMD level", "[kernels]") {
+  // One call folds a list of runs with partial units, empty runs and runs of 0, 1, 2 or all heads: the AVX-512
+  // kernel's per-call state (accumulators kept [even | odd], AMX scores issued a unit ahead across runs) must
+  // give what folding each head's rows one by one gives.
+  for (const int D : {64, 128}) {
+    for (const int G : {4, 20}) {  // 20: more heads than one AMX tile holds
+      const int64_t N = 40 * 16;
+      const auto k = test::random_bf16(size_t(N * D), 51), v = test::random_bf16(size_t(N * D), 52);
+      const auto q = random_q(G, D, 53);
+      const float scale = 1.f / std::sqrt(float(D));
+      core::cpu::QueryScratch qs;
+      const auto pq = qs.prepare(q.data(), G, D, scale);
+      const uint64_t all = (uint64_t(1) << G) - 1;
+      // (first row, rows, mask) of each run; a run starts at a unit and may cover several.
+      const std::vector<std::tuple<int64_t, int64_t, int64_t, uint64_t>> spec = {
+          {0, 0, 16, all},      {16, 3, 16, 0x1},     {32, 0, 0, all},  // empty run
+          {48, 0, 16, 0x6},     {64, 0, 48, all},     {112, 5, 9, 0x1},
+          {128, 0, 16, 0},                                               // no heads
+          {160, 0, 32, 0x3},    {192, 7, 40, all},    {320, 0, 16, uint64_t(1) << (G - 1)},
+      };
+      std::vector<core::cpu::RowRun> runs;
+      for (const auto& [start, lo, hi, mask] : spec)
+        runs.push_back(core::cpu::RowRun{&k[size_t(start * D)], &v[size_t(start * D)], lo, hi, mask});
+      for (auto isa : isas()) {
+        core::cpu::set_active_isa(isa);
+        std::vector<float> st(static_cast<size_t>(G * D + 2 * G)), out(static_cast<size_t>(G * D)), lse(static_cast<size_t>(G));
+        core::cpu::OnlineSoftmax s{st.data(), st.data() + G, st.data() + 2 * G};
+        core::cpu::init_state(s, G, D);
+        core::cpu::kernels().attend_runs(runs.data(), int64_t(runs.size()), int64_t(runs.size()), 1, 16 * D, pq, G, D,
+                                         core::DType::kBFloat16, s);
+        core::cpu::finalize_state(s, G, D, out.data(), lse.data());
+        for (int h = 0; h < G; ++h) {
+          // Naive: the rows of every run with head h, in double.
+          std::vector<int64_t> rows;
+          for (const auto& [start, lo, hi, mask] : spec)
+            if ((mask >> h) & 1u)
+              for (int64_t r = lo; r < hi; ++r) rows.push_back(start + r);
+          if (rows.empty()) {
+            REQUIRE(std::isinf(lse[size_t(h)]));
+            continue;
+          }
+          std::vector<double> sc, want(size_t(D), 0.0);
+          double m = -INFINITY, l = 0;
+          for (int64_t r : rows) {
+            double dot = 0;
+            for (int d = 0; d < D; ++d) dot += double(q[size_t(h * D + d)]) * bf(k[size_t(r * D + d)]);
+            sc.push_back(dot * scale);
+            m = std::max(m, sc.back());
+          }
+          for (size_t i = 0; i < rows.size(); ++i) {
+            const double p = std::exp(sc[i] - m);
+            l += p;
+            for (int d = 0; d < D; ++d) want[size_t(d)] += p * bf(v[size_t(rows[i] * D + d)]);
+          }
+          INFO("isa " << core::cpu::isa_name(isa) << " D " << D << " G " << G << " head " << h);
+          REQUIRE(lse[size_t(h)] == Approx(m + std::log(l)).margin(1e-4));
+          for (int d = 0; d < D; ++d) REQUIRE(out[size_t(h * D + d)] == Approx(want[size_t(d)] / l).margin(1e-4));
+        }
+      }
+    }
+  }
+  core::cpu::set_active_isa(core::cpu::best_supported_isa());
 }

@@ -1,5 +1,5 @@
 // CPU kernels on raw pointers, with the SIMD level chosen at run time (AVX-512, AVX2+FMA, scalar).
-// The ISA-specific code only sees contiguous rows; page addressing, top-k and scheduling live in
+// The ISA-specific code only sees rows and lists of row runs; page addressing, top-k and scheduling live in
 // retrieval.cpp, compiled for the baseline ISA.
 #pragma once
 #include <cstdint>

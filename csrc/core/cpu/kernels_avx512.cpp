@@ -140,13 +140,17 @@ inline void load_q_tiles(const uint16_t* qb) {
 #endif
 
 // ---- attention, AVX-512 ----
-// The generic attend_rows converts each V row per head (or stages it in an fp32 buffer) and reduces scores
-// with scalar bookkeeping; on one core that arithmetic, not the memory, bounded the CPU task. Here:
+// The generic attend_rows (kernels_impl.inc) converts each V row per head (or stages it in an fp32 buffer) and
+// reduces scores with scalar bookkeeping; that arithmetic, not the memory, bounded a core, worst where a block
+// serves every head of the group (mode 'full'). Here, per call a whole work item (a list of runs):
 //  - bf16 V rows are widened two vectors per 64-byte load (x << 16 gives the even elements, x & 0xffff0000
 //    the odd ones), so the running output of a head is kept with each 32-element chunk split [even | odd]
 //    while a call runs (permuted in place on entry, back on exit);
 //  - every V row is widened once for up to four heads, whose accumulators stay in registers over the unit;
-//  - the softmax bookkeeping is one vector per head and unit; the rescale is skipped when the max holds.
+//  - the softmax bookkeeping is one vector per head and unit; the rescale is skipped when the max holds;
+//  - with AMX, q.k of a whole unit for every head of a run chosen by two or more heads is one tile product per
+//    32 elements of D, issued one unit ahead (for a run of one head, vdpbf16ps rows are as fast and keep the
+//    K loads out of the tile unit).
 constexpr int kPvHeads = 4;  // heads whose accumulators share one widened V row
 
 // acc[32c .. 32c+31] natural <-> [even | odd] for each 32-element chunk of one head's row of D.
@@ -261,7 +265,7 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
     for (uint64_t m = used; m; m &= m - 1) split_even_odd<D>(st.acc + int64_t(__builtin_ctzll(m)) * D);
   alignas(64) float kbuf[kDot ? 1 : 16 * D];
   alignas(64) float p[64][16];
-  alignas(64) float cbuf[16 * 16];  // AMX scores [row][head]
+  [[maybe_unused]] alignas(64) float cbuf[16 * 16];  // AMX scores [row][head]
   float alpha[64];
   int heads[64], live[64];  // heads of the run; those with a finite max after the unit
 #ifdef FLUXION_AVX512_AMX
@@ -308,7 +312,7 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
     }
     // A whole unit's scores for every head at once from AMX tiles, issued one unit ahead so the tile products
     // run during this unit's P V.
-    const bool unit_amx = amx_unit(i, c0);
+    [[maybe_unused]] const bool unit_amx = amx_unit(i, c0);
 #ifdef FLUXION_AVX512_AMX
     if (unit_amx) {
       if (odd) _tile_stored(7, cbuf, 64);
