@@ -55,7 +55,8 @@ struct RowRun {
 
 // The whole 16-row chunks that cover a run's rows, K and V (when they are interleaved: chunk_stride = 32 * D).
 inline Prefetch run_prefetch(const RowRun& r, int64_t chunk_stride) {
-  const int64_t first = r.row_lo / 16, last = (r.row_hi + 15) / 16;
+  constexpr int64_t U = PageLayout::kUnitTokens;
+  const int64_t first = r.row_lo / U, last = (r.row_hi + U - 1) / U;
   return Prefetch{r.k + first * chunk_stride, (last - first) * chunk_stride * 2};
 }
 

@@ -153,26 +153,25 @@ inline void load_q_tiles(const uint16_t* qb) {
 //    K loads out of the tile unit).
 constexpr int kPvHeads = 4;  // heads whose accumulators share one widened V row
 
-// acc[32c .. 32c+31] natural <-> [even | odd] for each 32-element chunk of one head's row of D.
+// Each 32-element chunk of one head's row of D becomes (permutex2var(lo, first, hi), permutex2var(lo, second,
+// hi)) of its two 16-element halves: natural -> [even | odd] with split_even_odd, back with join_even_odd.
 template <int D>
-void split_even_odd(float* acc) {
-  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+void permute_chunks(float* acc, __m512i first, __m512i second) {
   for (int c = 0; c < D; c += 32) {
-    const __m512 a = _mm512_loadu_ps(acc + c), b = _mm512_loadu_ps(acc + c + 16);
-    _mm512_storeu_ps(acc + c, _mm512_permutex2var_ps(a, even, b));
-    _mm512_storeu_ps(acc + c + 16, _mm512_permutex2var_ps(a, odd, b));
+    const __m512 lo = _mm512_loadu_ps(acc + c), hi = _mm512_loadu_ps(acc + c + 16);
+    _mm512_storeu_ps(acc + c, _mm512_permutex2var_ps(lo, first, hi));
+    _mm512_storeu_ps(acc + c + 16, _mm512_permutex2var_ps(lo, second, hi));
   }
 }
 template <int D>
+void split_even_odd(float* acc) {
+  permute_chunks<D>(acc, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30),
+                    _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31));
+}
+template <int D>
 void join_even_odd(float* acc) {
-  const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  for (int c = 0; c < D; c += 32) {
-    const __m512 e = _mm512_loadu_ps(acc + c), o = _mm512_loadu_ps(acc + c + 16);
-    _mm512_storeu_ps(acc + c, _mm512_permutex2var_ps(e, lo, o));
-    _mm512_storeu_ps(acc + c + 16, _mm512_permutex2var_ps(e, hi, o));
-  }
+  permute_chunks<D>(acc, _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23),
+                    _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31));
 }
 
 // acc[i] = acc[i] * alpha[i] + sum_t p[i][t] * V[t] over rows [ta, tb) of one unit, for NH heads. bf16 rows are
@@ -257,9 +256,15 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
     while (i < n && !has_work(i)) ++i;
     return i;
   };
+  // Runs with at least amx_min_heads() heads score their whole units on AMX (where the CPU has it).
+  auto amx_heads = [&](int64_t i) { return __builtin_popcountll(runs[i].mask & heads_of_g) >= amx_min_heads(); };
   uint64_t used = 0;
+  bool any_amx_run = false;
   for (int64_t i = 0; i < n; ++i)
-    if (has_work(i)) used |= runs[i].mask & heads_of_g;
+    if (has_work(i)) {
+      used |= runs[i].mask & heads_of_g;
+      any_amx_run = any_amx_run || amx_heads(i);
+    }
   if (used == 0) return;
   if constexpr (kBf16)
     for (uint64_t m = used; m; m &= m - 1) split_even_odd<D>(st.acc + int64_t(__builtin_ctzll(m)) * D);
@@ -269,7 +274,8 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
   float alpha[64];
   int heads[64], live[64];  // heads of the run; those with a finite max after the unit
 #ifdef FLUXION_AVX512_AMX
-  const bool amx = kBf16 && q.q_amx_qk != nullptr && G <= 16;
+  // Tiles are configured only for a call that uses them: most calls of a sparse step hold runs of one head.
+  const bool amx = kBf16 && q.q_amx_qk != nullptr && G <= 16 && any_amx_run;
   if (amx) {
     load_tile_config();
     load_q_tiles<D>(q.q_amx_qk);
@@ -278,11 +284,9 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
 #else
   constexpr bool amx = false;
 #endif
-  // Units scored on AMX: whole ones only (a partial unit's other rows may lie past the caller's array), of runs
-  // with at least amx_min_heads() heads.
+  // Units scored on AMX: whole ones only (a partial unit's other rows may lie past the caller's array).
   auto amx_unit = [&](int64_t i, int64_t c0) {
-    return amx && i < n && c0 * 16 >= runs[i].row_lo && (c0 + 1) * 16 <= runs[i].row_hi &&
-           __builtin_popcountll(runs[i].mask & heads_of_g) >= amx_min_heads();
+    return amx && i < n && c0 * 16 >= runs[i].row_lo && (c0 + 1) * 16 <= runs[i].row_hi && amx_heads(i);
   };
   int64_t i = skip(0), c0 = i < n ? runs[i].row_lo / 16 : 0;
 #ifdef FLUXION_AVX512_AMX
