@@ -25,7 +25,7 @@ PyObject* simd_level(PyObject*, PyObject*) {
 
 PyObject* simd_supported(PyObject*, PyObject*) {
   PyObject* list = PyList_New(0);
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAvx512Amx}) {
+  for (Isa isa : fluxion::core::cpu::kAllIsas) {
     if (!fluxion::core::cpu::isa_supported(isa)) continue;
     PyObject* s = PyUnicode_FromString(fluxion::core::cpu::isa_name(isa));
     PyList_Append(list, s);
@@ -37,14 +37,8 @@ PyObject* simd_supported(PyObject*, PyObject*) {
 PyObject* set_simd_level(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
-  const std::string s(name);
   Isa isa;
-  if (s == "scalar") isa = Isa::kScalar;
-  else if (s == "avx2") isa = Isa::kAvx2;
-  else if (s == "avx512") isa = Isa::kAvx512;
-  else if (s == "avx512_bf16") isa = Isa::kAvx512Bf16;
-  else if (s == "avx512_amx") isa = Isa::kAvx512Amx;
-  else {
+  if (!fluxion::core::cpu::isa_from_name(name, &isa)) {
     PyErr_Format(PyExc_ValueError, "simd level must be scalar, avx2, avx512, avx512_bf16 or avx512_amx, got '%s'", name);
     return nullptr;
   }

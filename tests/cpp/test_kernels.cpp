@@ -62,8 +62,7 @@ std::vector<float> random_q(int G, int D, uint32_t seed) {
 
 std::vector<core::cpu::Isa> isas() {
   std::vector<core::cpu::Isa> out;
-  for (auto isa : {core::cpu::Isa::kScalar, core::cpu::Isa::kAvx2, core::cpu::Isa::kAvx512, core::cpu::Isa::kAvx512Bf16,
-                   core::cpu::Isa::kAvx512Amx})
+  for (auto isa : core::cpu::kAllIsas)
     if (core::cpu::isa_supported(isa)) out.push_back(isa);
   return out;
 }

@@ -17,16 +17,8 @@ namespace {
 
 Isa initial_isa() {
   const char* env = std::getenv("FLUXION_SIMD");
-  if (env != nullptr) {
-    Isa want = Isa::kAvx512Bf16;
-    if (std::strcmp(env, "scalar") == 0) want = Isa::kScalar;
-    else if (std::strcmp(env, "avx512_bf16") == 0) want = Isa::kAvx512Bf16;
-    else if (std::strcmp(env, "avx2") == 0) want = Isa::kAvx2;
-    else if (std::strcmp(env, "avx512") == 0) want = Isa::kAvx512;
-    else if (std::strcmp(env, "avx512_amx") == 0) want = Isa::kAvx512Amx;
-    else return best_supported_isa();
-    if (isa_supported(want)) return want;
-  }
+  Isa want;
+  if (env != nullptr && isa_from_name(env, &want) && isa_supported(want)) return want;
   return best_supported_isa();
 }
 
@@ -97,6 +89,15 @@ const char* isa_name(Isa isa) {
     case Isa::kAvx512Amx: return "avx512_amx";
   }
   return "?";
+}
+
+bool isa_from_name(const char* name, Isa* isa) {
+  for (Isa i : kAllIsas)
+    if (std::strcmp(name, isa_name(i)) == 0) {
+      *isa = i;
+      return true;
+    }
+  return false;
 }
 
 const KernelTable& kernels_for(Isa isa) {

@@ -9,6 +9,7 @@
 namespace fluxion::core::cpu {
 
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kAvx512Amx = 4 };
+constexpr Isa kAllIsas[] = {Isa::kScalar, Isa::kAvx2, Isa::kAvx512, Isa::kAvx512Bf16, Isa::kAvx512Amx};
 
 // Running softmax state of G heads: max m[G], sum l[G], unnormalised output acc[G, D] (fp32).
 struct OnlineSoftmax {
@@ -86,6 +87,8 @@ Isa best_supported_isa();
 Isa active_isa();
 void set_active_isa(Isa isa);
 const char* isa_name(Isa isa);
+// The Isa whose isa_name is `name`; false when there is none.
+bool isa_from_name(const char* name, Isa* isa);
 const KernelTable& kernels();
 const KernelTable& kernels_for(Isa isa);
 
