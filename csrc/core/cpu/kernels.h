@@ -37,7 +37,7 @@ struct PreparedQuery {
   float scale = 1.f;
 };
 
-// A region a kernel prefetches into L2 while it works, spread evenly over its rows: the caller names the
+// A region a kernel prefetches into L2 while it works, spread evenly over its work: the caller names the
 // data it will read next (the next selected block, the next page's metadata). Scattered runs are read
 // faster this way than by a burst of prefetches before each run (a burst fills the core's miss buffers
 // and stalls it) or by the hardware prefetchers alone (they do not cross into the next run's pages).

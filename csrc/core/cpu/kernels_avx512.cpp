@@ -175,10 +175,11 @@ void join_even_odd(float* acc) {
 }
 
 // acc[i] = acc[i] * alpha[i] + sum_t p[i][t] * V[t] over rows [ta, tb) of one unit, for NH heads. bf16 rows are
-// widened [even | odd] per 32 elements (the accumulators' layout during a call); fp16 rows in order.
+// widened [even | odd] per 32 elements (the accumulators' layout during a call); fp16 rows in order. pf (may be
+// null) takes one step per row of each 64-element pass.
 template <int D, bool kBf16, int NH>
 inline void pv_unit(const uint16_t* vc, int ta, int tb, float* const* acc, const float* alpha, const float (*p)[16],
-                    const Prefetch& next, int64_t row0, int64_t nrows) {
+                    PrefetchCursor* pf) {
   constexpr int DB = 64;        // output elements per register block: NH * 4 accumulators
   constexpr int NB = DB / 16;
   const __m512i hi_mask = _mm512_set1_epi32(int(0xffff0000u));
@@ -190,7 +191,7 @@ inline void pv_unit(const uint16_t* vc, int ta, int tb, float* const* acc, const
         if (alpha[i] != 1.f) a[i][j] = _mm512_mul_ps(a[i][j], _mm512_set1_ps(alpha[i]));
       }
     for (int t = ta; t < tb; ++t) {
-      if (d0 == 0 && next.ptr) prefetch_slice(next, row0 + t, nrows);
+      if (pf) pf->step();
       const uint16_t* row = vc + int64_t(t) * D + d0;
       __m512 x[NB];
       if constexpr (kBf16) {
@@ -293,12 +294,20 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
   if (amx_unit(i, c0)) qk_issue_amx0<D>(runs[i].k + c0 * chunk_stride);
 #endif
   int nh = 0;
+  // The run `ahead` places on is prefetched while this run is folded: steps at the start of each unit, after the
+  // softmax of each of its first kPvHeads heads and at every row of its first head group's P V passes.
+  PrefetchCursor pf;
   for (bool odd = false; i < n; odd = !odd) {
     const RowRun& r = runs[i];
     if (c0 == r.row_lo / 16) {  // first unit of the run
       nh = 0;
       for (uint64_t m = r.mask & heads_of_g; m; m &= m - 1) heads[nh++] = __builtin_ctzll(m);
+      pf.finish();  // what the previous run's partial units left
+      const int64_t steps_per_unit = 1 + (nh < kPvHeads ? nh : kPvHeads) + (D / 64) * 16;
+      pf.start(ahead > 0 && i + ahead < n_listed ? run_prefetch(runs[i + ahead], chunk_stride) : Prefetch{},
+               ((r.row_hi + 15) / 16 - r.row_lo / 16) * steps_per_unit);
     }
+    pf.step();
     // The unit after this one: the next of this run, or the first of the next run with work.
     int64_t ni = i, nc = c0 + 1;
     if (nc * 16 >= r.row_hi) {
@@ -349,25 +358,24 @@ void attend_runs_avx512(const RowRun* runs, int64_t n, int64_t n_listed, int64_t
       st.m[h] = m_new;
       alpha[nlive] = a;
       live[nlive++] = h;
+      if (j < kPvHeads) pf.step();
     }
-    // The run `ahead` places on is prefetched over this run's rows.
-    const Prefetch next = ahead > 0 && i + ahead < n_listed ? run_prefetch(runs[i + ahead], chunk_stride) : Prefetch{};
-    const int64_t row0 = c0 * 16 - r.row_lo, nrows = r.row_hi - r.row_lo;
     for (int i0 = 0; i0 < nlive; i0 += kPvHeads) {
       float* acc[kPvHeads];
       const int cnt = nlive - i0 < kPvHeads ? nlive - i0 : kPvHeads;
       for (int j = 0; j < cnt; ++j) acc[j] = st.acc + int64_t(live[i0 + j]) * D;
-      const Prefetch nx = i0 == 0 ? next : Prefetch{};
+      PrefetchCursor* pfc = i0 == 0 ? &pf : nullptr;
       switch (cnt) {
-        case 1: pv_unit<D, kBf16, 1>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
-        case 2: pv_unit<D, kBf16, 2>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
-        case 3: pv_unit<D, kBf16, 3>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
-        default: pv_unit<D, kBf16, 4>(vc, ta, tb, acc, alpha + i0, p + i0, nx, row0, nrows); break;
+        case 1: pv_unit<D, kBf16, 1>(vc, ta, tb, acc, alpha + i0, p + i0, pfc); break;
+        case 2: pv_unit<D, kBf16, 2>(vc, ta, tb, acc, alpha + i0, p + i0, pfc); break;
+        case 3: pv_unit<D, kBf16, 3>(vc, ta, tb, acc, alpha + i0, p + i0, pfc); break;
+        default: pv_unit<D, kBf16, 4>(vc, ta, tb, acc, alpha + i0, p + i0, pfc); break;
       }
     }
     i = ni;
     c0 = nc;
   }
+  pf.finish();
   if constexpr (kBf16)
     for (uint64_t m = used; m; m &= m - 1) join_even_odd<D>(st.acc + int64_t(__builtin_ctzll(m)) * D);
 #ifdef FLUXION_AVX512_AMX

@@ -50,6 +50,11 @@ int64_t runs_ahead(int64_t run_bytes, int threads) {
   return b == 0 ? 0 : std::max<int64_t>(1, (b + run_bytes - 1) / run_bytes);
 }
 
+// Threads that read the store at once in a phase of `items` work items (sets the prefetch distance).
+int readers(const Executor& ex, int64_t items) {
+  return int(std::min<int64_t>(std::max(ex.num_threads, 1), std::max<int64_t>(items, 1)));
+}
+
 // The run of a block: BS/16 consecutive units (K[16, D] then V[16, D] each), one contiguous 2*BS*D span.
 const uint16_t* block_run(const LayerView& view, int b, int kv_head, int64_t block, int block_size) {
   const auto* pages = static_cast<const uint16_t*>(view.pages);
@@ -120,7 +125,8 @@ PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
 }
 
 void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
-                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride, int64_t prefetch_end) {
+                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride, int64_t prefetch_end,
+                  int threads) {
   const KernelTable& kt = kernels();
   const int level = granularity_level(block_size);
   const int64_t per_page = view.layout.page_tokens / block_size;
@@ -128,7 +134,7 @@ void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_si
   const int D = view.layout.head_dim;
   const int64_t row_bytes = 2 * D * 2;
   // The table of each page is one run; while scoring one, prefetch the one `ahead` pages later.
-  const int64_t ahead = runs_ahead(per_page * row_bytes, 0);
+  const int64_t ahead = runs_ahead(per_page * row_bytes, threads);
   prefetch_end = std::max(prefetch_end, blk_end);
   auto table = [&](int64_t j, int64_t end) {  // rows of blocks [j, end of j's page) within [j, end)
     const int64_t in_page = j % per_page;
@@ -315,13 +321,14 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   for (int64_t t = 0; t < n; ++t) queries[size_t(t)] = qscratch[size_t(t)].prepare(tasks[t].q, G, D, cfg.scale);
 
   // 1. Scores, in chunks of candidate blocks.
+  const int score_readers = readers(ex, int64_t(score_items.size()));
   for_each_dynamic(ex, int64_t(score_items.size()), [&](int64_t i, int) {
     const auto [t, c] = score_items[size_t(i)];
     const Plan& p = plans[t];
     const int64_t begin = p.range.block_begin + c;
     const int64_t end = std::min(begin / score_chunk * score_chunk + score_chunk, p.range.block_end);
     score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
-                 &scores[size_t(p.score_off + c)], p.ncand, p.range.block_end);
+                 &scores[size_t(p.score_off + c)], p.ncand, p.range.block_end, score_readers);
   });
 
   // 2. Top-k per (task, head).
@@ -376,7 +383,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   const auto t_selected = Clock::now();
 
   // 4. Attention over chunks of the union: partial states (out, lse) per item.
-  const int readers = int(std::min<int64_t>(std::max(ex.num_threads, 1), std::max<int64_t>(int64_t(items.size()), 1)));
+  const int attend_readers = readers(ex, int64_t(items.size()));
   std::vector<float> part_out(size_t(items.size()) * GD), part_lse(size_t(items.size()) * G);
   std::vector<std::vector<float>> state(size_t(std::max(ex.num_threads, 1)), std::vector<float>(size_t(GD + 2 * G)));
   for_each_dynamic(ex, int64_t(items.size()), [&](int64_t i, int w) {
@@ -389,7 +396,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     init_state(st, G, D);
     attend_blocks(view, task.b, task.kv_head, G, task.block_size, queries[size_t(t)], &p.blocks[size_t(first)],
                   &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st,
-                  int64_t(p.blocks.size()) - first, readers);
+                  int64_t(p.blocks.size()) - first, attend_readers);
     finalize_state(st, G, D, &part_out[size_t(i * GD)], &part_lse[size_t(i * G)]);
   });
 

@@ -62,9 +62,11 @@ struct QueryScratch {
 // Quest scores of blocks [blk_begin, blk_end) at granularity block_size:
 // scores[h * stride + (j - blk_begin)]. The blocks must lie inside the sequence. Metadata of blocks up to
 // prefetch_end (>= blk_end, inside the sequence; default blk_end) may be prefetched: a caller scoring a range in
-// pieces lets each piece prefetch the start of the next one.
+// pieces lets each piece prefetch the start of the next one. `threads`: how many threads read the store at once
+// (it sets how far ahead to prefetch; 0 = many).
 void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_size, const PreparedQuery& q,
-                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride, int64_t prefetch_end = -1);
+                  int64_t blk_begin, int64_t blk_end, float* scores, int64_t stride, int64_t prefetch_end = -1,
+                  int threads = 0);
 
 // Indices (in [0, n), ascending) of the min(k, #selectable) largest scores; ties go to the lower index
 // (-0 ties +0); -inf and NaN are never selected. Returns the count. `scratch` is reused across calls.
