@@ -1,0 +1,149 @@
+// The CPU attention kernel alone (kernels().attend_runs, the active SIMD level) streaming 8 KiB units
+// (K[16, 128] + V[16, 128] bf16, the store's unit) from a buffer far larger than the caches, on N threads,
+// against the streaming-read ceiling (kernels().stream_sum) measured on the same buffer and threads in the same
+// run. It isolates what bench_cpu_task.py mixes with scoring and top-k: how well the kernel overlaps its reads
+// with its arithmetic, for each prefetch distance (`ahead` runs; the store-facing code picks it from
+// FLUXION_PREFETCH_BYTES or the reader count).
+//
+//   cmake -S . -B build/cmake -DFLUXION_BENCHMARKS=ON && cmake --build build/cmake -j --target bench_cpu_kernel
+//   build/cmake/bench_cpu_kernel --threads 1 14 --order random --heads 4
+//
+// Options: --threads N... (default 1), --order seq|random (units in address order, or shuffled: a sparse
+// selection), --heads H (heads of the 4-head group that read every unit, 1-4), --mib M (buffer, default 4096),
+// --item U (units per kernel call, default 16), --reps R (median of R, default 5).
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/cpu/kernels.h"
+#include "core/cpu/retrieval.h"
+
+namespace {
+using namespace fluxion::core;
+using Clock = std::chrono::steady_clock;
+constexpr int D = 128, G = 4;
+constexpr int64_t kUnitElems = 32 * D;  // K[16, D] then V[16, D]
+
+// Runs fn(worker) on `threads` threads at once; returns the wall time.
+template <class Fn>
+double on_threads(int threads, Fn fn) {
+  std::vector<std::thread> pool;
+  const auto t0 = Clock::now();
+  for (int w = 0; w < threads; ++w) pool.emplace_back([&, w] { fn(w); });
+  for (auto& t : pool) t.join();
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<int> thread_counts;
+  bool random_order = false;
+  int heads = 4, item = 16, reps = 5;
+  int64_t mib = 4096;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&] {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "%s needs a value\n", a.c_str());
+        std::exit(2);
+      }
+      return std::string(argv[++i]);
+    };
+    if (a == "--threads") {
+      while (i + 1 < argc && argv[i + 1][0] != '-') thread_counts.push_back(std::atoi(argv[++i]));
+    } else if (a == "--order") {
+      const std::string o = value();
+      if (o != "seq" && o != "random") {
+        std::fprintf(stderr, "--order must be seq or random, got %s\n", o.c_str());
+        return 2;
+      }
+      random_order = o == "random";
+    } else if (a == "--heads") {
+      heads = std::atoi(value().c_str());
+    } else if (a == "--mib") {
+      mib = std::atoll(value().c_str());
+    } else if (a == "--item") {
+      item = std::atoi(value().c_str());
+    } else if (a == "--reps") {
+      reps = std::atoi(value().c_str());
+    } else {
+      std::fprintf(stderr, "unknown option %s (see the header of bench_cpu_kernel.cpp)\n", a.c_str());
+      return 2;
+    }
+  }
+  if (thread_counts.empty()) thread_counts.push_back(1);
+  if (heads < 1 || heads > G || item < 1 || reps < 1 || mib < 16) {
+    std::fprintf(stderr, "need 1 <= --heads <= %d, --item >= 1, --reps >= 1, --mib >= 16\n", G);
+    return 2;
+  }
+  const int64_t bytes = mib << 20, units = bytes / (kUnitElems * 2);
+  auto* buf = static_cast<uint16_t*>(mmap(nullptr, size_t(bytes), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  if (buf == MAP_FAILED) {
+    std::perror("mmap");
+    return 1;
+  }
+  madvise(buf, size_t(bytes), MADV_HUGEPAGE);  // as the store does
+  // Small finite bf16 values (0x3c00.. = 2^-7 ..), so the softmax stays in range.
+  for (int64_t i = 0; i < bytes / 2; ++i) buf[i] = uint16_t(0x3c00 + ((uint64_t(i) * 2654435761u) >> 24 & 0x7f));
+  std::mt19937 rng(1);
+  std::vector<float> q(size_t(G * D));
+  for (auto& x : q) x = std::normal_distribution<float>()(rng);
+  std::vector<int64_t> order(static_cast<size_t>(units));
+  for (int64_t i = 0; i < units; ++i) order[size_t(i)] = i;
+  if (random_order) std::shuffle(order.begin(), order.end(), std::mt19937_64(2));
+  const uint64_t mask = (uint64_t(1) << heads) - 1;
+
+  std::printf("# attend_runs on %s | %s units of 8 KiB, %d of %d heads, %d units per call, %lld MiB, median of %d\n",
+              cpu::isa_name(cpu::active_isa()), random_order ? "shuffled" : "address-ordered", heads, G, item,
+              static_cast<long long>(mib), reps);
+  for (const int threads : thread_counts) {
+    std::vector<double> t_stream;
+    for (int r = 0; r < reps; ++r)
+      t_stream.push_back(on_threads(threads, [&](int w) {
+        const int64_t b = bytes * w / threads / 64 * 64, e = bytes * (w + 1) / threads / 64 * 64;
+        volatile uint64_t sink = cpu::kernels().stream_sum(reinterpret_cast<const char*>(buf) + b, e - b);
+        (void)sink;
+      }));
+    const double ceiling = double(bytes) / median(t_stream) / 1e9;
+    for (const int ahead : {0, 1, 2, 4, 8}) {
+      std::vector<double> t_kernel;
+      for (int r = 0; r < reps; ++r)
+        t_kernel.push_back(on_threads(threads, [&](int w) {
+          cpu::QueryScratch scratch;
+          const cpu::PreparedQuery pq = scratch.prepare(q.data(), G, D, 0.088f);
+          std::vector<float> state(size_t(G * D + 2 * G));
+          const cpu::OnlineSoftmax st{state.data(), state.data() + G, state.data() + 2 * G};
+          std::vector<cpu::RowRun> runs(size_t(item + ahead));
+          const int64_t b = units * w / threads, e = units * (w + 1) / threads;
+          for (int64_t u = b; u < e; u += item) {
+            const int64_t n = std::min<int64_t>(item, e - u), listed = std::min<int64_t>(n + ahead, e - u);
+            for (int64_t i = 0; i < listed; ++i) {  // runs past n are listed only to be prefetched
+              const uint16_t* k = buf + order[size_t(u + i)] * kUnitElems;
+              runs[size_t(i)] = cpu::RowRun{k, k + 16 * D, 0, 16, i < n ? mask : 0};
+            }
+            cpu::init_state(st, G, D);
+            cpu::kernels().attend_runs(runs.data(), n, listed, ahead, 32 * D, pq, G, D, DType::kBFloat16, st);
+          }
+        }));
+      const double t = median(t_kernel), gbs = double(bytes) / t / 1e9;
+      std::printf("threads %2d ahead %d: %6.1f GB/s  ceiling %6.1f GB/s  ratio %.2f  %6.0f ns per unit per thread\n",
+                  threads, ahead, gbs, ceiling, gbs / ceiling, t * 1e9 / (double(units) / threads));
+      std::fflush(stdout);
+    }
+  }
+  munmap(buf, size_t(bytes));
+  return 0;
+}
