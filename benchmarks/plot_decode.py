@@ -1,6 +1,6 @@
 """TPOT against context length from bench_decode.py's JSON output (one line per mode; needs matplotlib).
 
-  python benchmarks/plot_decode.py decode.json [more.json ...] --batch 1 --out benchmarks/decode_tpot.png
+  python benchmarks/plot_decode.py decode.json [more.json ...] --batch 1 --label Llama-3.1-8B --out benchmarks/decode_tpot.png
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ def main(argv=None) -> int:
     p.add_argument("inputs", nargs="+")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--out", default="decode_tpot.png")
+    p.add_argument("--label", default="", help="what the title names first, e.g. the model geometry")
     a = p.parse_args(argv)
     import matplotlib
 
@@ -44,7 +45,7 @@ def main(argv=None) -> int:
     ax.set_yscale("log")
     ax.set_xlabel("context (tokens)")
     ax.set_ylabel("TPOT p50 (ms)")
-    ax.set_title(f"Decode TPOT, batch {a.batch} ({title})", fontsize=9)
+    ax.set_title(f"{a.label + ' ' if a.label else ''}decode TPOT, batch {a.batch} ({title})", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
