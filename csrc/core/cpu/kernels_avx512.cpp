@@ -433,8 +433,8 @@ void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q,
   load_tile_config();
   const int kchunks = 2 * D / 32;
   const int64_t row_bytes = 2 * int64_t(D) * 2;
-  const int64_t steps = (full + 63) / 64 * kchunks * ((G + 15) / 16);
-  int64_t step = 0;
+  PrefetchCursor pf;  // a step per tile-product round
+  pf.start(next, (full + 63) / 64 * kchunks * ((G + 15) / 16));
   alignas(64) float c[16 * 16];
   for (int g0 = 0; g0 < G; g0 += 16) {
     const uint16_t* qb = q.q_amx + int64_t(g0 / 16) * kchunks * 512;
@@ -447,8 +447,8 @@ void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q,
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      for (int kc = 0; kc < kchunks; ++kc, ++step) {
-        if (next.ptr) prefetch_slice(next, step, steps);
+      for (int kc = 0; kc < kchunks; ++kc) {
+        pf.step();
         _tile_loadd(4, qb + kc * 512, 64);
         _tile_loadd(5, a + kc * 32, row_bytes);
         _tile_dpbf16ps(0, 5, 4);
