@@ -54,7 +54,8 @@ def set_num_threads(n: int) -> None:
 
 
 def set_simd_level(level: str) -> None:
-    """Force 'scalar', 'avx2' or 'avx512' CPU kernels (must be supported by this CPU)."""
+    """Force the CPU kernels' SIMD level: 'scalar', 'avx2', 'avx512', 'avx512_bf16' or 'avx512_amx' (must be supported
+    by this CPU; fluxion._C.simd_supported() lists those that are)."""
     _C.set_simd_level(level)
 
 

@@ -287,3 +287,10 @@ def test_stream_read_checksum(threads, simd):
         fluxion._C.stream_read(buf.view(-1, 8)[:, :4], threads)
     with pytest.raises(TypeError, match="torch.Tensor"):
         fluxion._C.stream_read(b"x" * 64, threads)
+
+
+def test_set_simd_level_rejects_unknown_names():
+    before = fluxion._C.simd_level()
+    with pytest.raises(ValueError, match=r"simd level must be one of scalar, avx2, avx512, avx512_bf16, avx512_amx, got 'sse'"):
+        fluxion.set_simd_level("sse")
+    assert fluxion._C.simd_level() == before  # nothing changed

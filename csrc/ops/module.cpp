@@ -39,7 +39,9 @@ PyObject* set_simd_level(PyObject*, PyObject* arg) {
   if (name == nullptr) return nullptr;
   Isa isa;
   if (!fluxion::core::cpu::isa_from_name(name, &isa)) {
-    PyErr_Format(PyExc_ValueError, "simd level must be scalar, avx2, avx512, avx512_bf16 or avx512_amx, got '%s'", name);
+    std::string names;
+    for (Isa i : fluxion::core::cpu::kAllIsas) names += std::string(names.empty() ? "" : ", ") + fluxion::core::cpu::isa_name(i);
+    PyErr_Format(PyExc_ValueError, "simd level must be one of %s, got '%s'", names.c_str(), name);
     return nullptr;
   }
   try {
