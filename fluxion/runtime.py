@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Sequence
 
 import torch
@@ -67,11 +68,15 @@ def _fused_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     score matrix); None when no fused kernel takes these inputs."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    try:
-        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
-            return _sdpa(q, k, v, None, scale, is_causal=True)
-    except RuntimeError:
-        return None
+    # torch explains with a warning per backend why none took the inputs (fp32 with GQA, say); the caller has a
+    # fallback, so those warnings say nothing to the user.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+                return _sdpa(q, k, v, None, scale, is_causal=True)
+        except RuntimeError:
+            return None
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

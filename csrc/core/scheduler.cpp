@@ -51,12 +51,17 @@ std::pair<int64_t, int64_t> TaskQueue::pop_share(int divisor) {
 
 ControlThread::ControlThread() {
   thread_ = std::thread([this] {
-    std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
+      // Poll briefly for the next job, then sleep until one is posted.
+      const auto spin_until = std::chrono::steady_clock::now() + kSpin;
+      while (!posted_.load(std::memory_order_acquire) && std::chrono::steady_clock::now() < spin_until)
+        std::this_thread::yield();
+      std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [this] { return quit_ || (busy_ && job_); });
       if (quit_) return;
       auto fn = std::move(job_);
       job_ = nullptr;
+      posted_.store(false, std::memory_order_relaxed);
       lock.unlock();
       fn();  // the job catches its own exceptions
       lock.lock();
@@ -71,6 +76,7 @@ ControlThread::~ControlThread() {
     std::lock_guard<std::mutex> lock(mu_);
     quit_ = true;
   }
+  posted_.store(true, std::memory_order_release);  // ends the polling at once
   cv_.notify_all();
   thread_.join();
 }
@@ -80,6 +86,7 @@ void ControlThread::start(std::function<void()> fn) {
   if (busy_) throw std::logic_error("ControlThread::start while a job is running");
   job_ = std::move(fn);
   busy_ = true;
+  posted_.store(true, std::memory_order_release);
   cv_.notify_all();
 }
 
@@ -103,17 +110,29 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   };
   QueueRunStats st;
   std::exception_ptr gpu_error;
+  // Up to gpu_in_flight GPU batches run at once; busy time is the union of their [launch, finished] intervals.
+  std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
+  int64_t running_volume = 0;
+  double busy_since = 0;
+  auto wait_oldest = [&] {
+    if (running.front().first) running.front().first();
+    running_volume -= running.front().second;
+    running.pop_front();
+    if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
+  };
+  // Pulls and launches the GPU side's next batch; false when the queue is empty.
+  auto launch_next = [&] {
+    const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
+    if (b >= e) return false;
+    int64_t volume = 0;
+    for (int64_t i = b; i < e; ++i) volume += queue[size_t(i)].volume;
+    if (running.empty()) busy_since = now_s();
+    running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
+    running_volume += volume;
+    st.gpu_tasks += e - b;
+    return true;
+  };
   auto gpu_loop = [&] {
-    // Up to gpu_in_flight batches run at once; busy time is the union of their [launch, finished] intervals.
-    std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
-    int64_t running_volume = 0;
-    double busy_since = 0;
-    auto wait_oldest = [&] {
-      if (running.front().first) running.front().first();
-      running_volume -= running.front().second;
-      running.pop_front();
-      if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
-    };
     try {
       while (st.gpu_batches < split.max_gpu_batches) {
         if (!running.empty() && (int(running.size()) >= std::max(split.gpu_in_flight, 1) ||
@@ -121,14 +140,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
           wait_oldest();
           continue;
         }
-        const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
-        if (b >= e) break;
-        int64_t volume = 0;
-        for (int64_t i = b; i < e; ++i) volume += queue[size_t(i)].volume;
-        if (running.empty()) busy_since = now_s();
-        running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
-        running_volume += volume;
-        st.gpu_tasks += e - b;
+        if (!launch_next()) break;
       }
       while (!running.empty()) wait_oldest();
     } catch (...) {
@@ -139,7 +151,18 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
       }
     }
   };
-  if (gpu_fn) control->start(gpu_loop);
+  if (gpu_fn) {
+    // In a shared queue the GPU's first batch is launched from this thread, before the CPU side starts: the GPU
+    // then never waits for the control thread to wake, and always gets its first share.
+    if (shared && split.max_gpu_batches > 0) {
+      try {
+        launch_next();
+      } catch (...) {
+        gpu_error = std::current_exception();
+      }
+    }
+    if (!gpu_error) control->start(gpu_loop);
+  }
   std::exception_ptr cpu_error;
   auto cpu_batch = [&](int64_t b, int64_t e) {
     const double t = now_s();

@@ -13,15 +13,19 @@
 #include <thread>
 
 #include "core/cpu/retrieval.h"
+#include "core/half_convert.h"
 #include "core/scheduler.h"
 #include "ops/checks.h"
 #include "ops/cpu_executor.h"
 
 #ifdef FLUXION_WITH_CUDA
+#include <ATen/core/CachingHostAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include "core/cuda/merge.cuh"
 #endif
 
 namespace fluxion::ops {
@@ -46,6 +50,52 @@ c10::TypedOperatorHandle<Fn> op(const char* name) {
 }
 
 constexpr int64_t kCpuBytesPerThread = 256 << 10;
+
+// The first n elements of a buffer kept across calls (page-locked when pinned), reallocated when too small.
+at::Tensor reuse_buffer(at::Tensor& buf, int64_t n, at::ScalarType dtype, bool pinned) {
+  if (!buf.defined() || buf.numel() < n || buf.scalar_type() != dtype)
+    buf = at::empty({std::max<int64_t>(n, 1)}, at::TensorOptions().dtype(dtype).pinned_memory(pinned));
+  return buf.narrow(0, 0, n);
+}
+
+#ifdef FLUXION_WITH_CUDA
+// The decode step's small copies go straight to cudaMemcpyAsync: a copy_ through the dispatcher costs tens of
+// microseconds of host time, and the step makes several per layer.
+// dst (page-locked host) <- src (device), enqueued on `stream`; anything but a plain same-dtype copy goes
+// through copy_.
+void copy_to_host_async(at::Tensor& dst, const at::Tensor& src, cudaStream_t stream) {
+  if (src.is_cuda() && src.scalar_type() == dst.scalar_type() && src.is_contiguous() && dst.is_contiguous() &&
+      src.numel() == dst.numel()) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), size_t(src.nbytes()), cudaMemcpyDeviceToHost, stream));
+  } else {
+    dst.copy_(src, /*non_blocking=*/true);
+  }
+}
+
+// A copy on `device` of src (page-locked, from torch's caching host allocator), enqueued on the current stream.
+// The allocator is told, so src's block is not handed out again before the copy has run (as copy_ does).
+at::Tensor upload_pinned(const at::Tensor& src, at::Device device) {
+  at::Tensor dst = at::empty(src.sizes(), at::TensorOptions().dtype(src.scalar_type()).device(device));
+  const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+  C10_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), size_t(src.nbytes()), cudaMemcpyHostToDevice,
+                                 stream.stream()));
+  at::getHostAllocator(at::kCUDA)->record_event(src.data_ptr(), src.storage().data_ptr().get_context(),
+                                                stream.unwrap());
+  return dst;
+}
+
+// The address kernels read a tensor at: its data pointer on the device, the mapped address of page-locked host
+// memory.
+const float* device_address(const at::Tensor& t) {
+  if (t.is_cuda()) return t.data_ptr<float>();
+  cudaPointerAttributes attr{};
+  void* dev = nullptr;
+  if (cudaPointerGetAttributes(&attr, t.data_ptr()) == cudaSuccess) dev = attr.devicePointer;
+  else (void)cudaGetLastError();
+  TORCH_CHECK(dev != nullptr, "internal: a merged part is host memory the device cannot read");
+  return static_cast<const float*>(dev);
+}
+#endif
 
 // The per-head tables of a step, checked: budgets float32 in [0, 1], block sizes int32 in {16, 32, 64, 128},
 // both on the CPU with the given shapes. Returns contiguous tensors.
@@ -237,20 +287,28 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     store->append_deferred(layer, ids, kv_h[0], kv_h[1], [copied] { C10_CUDA_CHECK(cudaEventSynchronize(copied.get())); });
 #endif
   } else {
-    at::Tensor staged = at::empty({B * (Hq + 2 * Hkv) * D}, host_opts);
-    q_h = staged.narrow(0, 0, B * Hq * D).view({B, Hq, D});
-    at::Tensor k_h = staged.narrow(0, B * Hq * D, B * Hkv * D).view({B, Hkv, 1, D});
-    at::Tensor v_h = staged.narrow(0, B * (Hq + Hkv) * D, B * Hkv * D).view({B, Hkv, 1, D});
-    q_h.copy_(q, on_gpu);
-    k_h.copy_(k, on_gpu);
-    v_h.copy_(v, on_gpu);
+    const int64_t nq = B * Hq * D, nkv = B * Hkv * D;
+    at::Tensor staged = reuse_buffer(shared_staging_, nq + 2 * nkv, store->scalar_type(), on_gpu);
+    q_h = staged.narrow(0, 0, nq).view({B, Hq, D});
+    at::Tensor k_h = staged.narrow(0, nq, nkv).view({B, Hkv, 1, D});
+    at::Tensor v_h = staged.narrow(0, nq + nkv, nkv).view({B, Hkv, 1, D});
 #ifdef FLUXION_WITH_CUDA
-    if (on_gpu) {  // waits for q's producers: the model's own GPU work of this layer, timed apart
+    if (on_gpu) {
+      const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+      copy_to_host_async(q_h, q, stream);
+      copy_to_host_async(k_h, k, stream);
+      copy_to_host_async(v_h, v, stream);
+      // Waits for q's producers: the model's own GPU work of this layer, timed apart.
       const auto w = Clock::now();
-      c10::cuda::getCurrentCUDAStream(device.index()).synchronize();
+      C10_CUDA_CHECK(cudaStreamSynchronize(stream));
       model_wait_s += since(w);
     }
 #endif
+    if (!on_gpu) {
+      q_h.copy_(q);
+      k_h.copy_(k);
+      v_h.copy_(v);
+    }
     store->append(layer, ids, k_h, v_h, c10::nullopt);
   }
   append_s += since(t);
@@ -264,7 +322,11 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   int32_t* ph = plan.data_ptr<int32_t>();
   layout.fill(ph, lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>(), *store->store, layer, ids);
   for (int64_t i = 0; i < n_tasks; ++i) ph[layout.o_groups() + i] = queue[size_t(i)].group;
-  const at::Tensor plan_dev = on_gpu ? plan.to(device, /*non_blocking=*/true) : plan;
+#ifdef FLUXION_WITH_CUDA
+  const at::Tensor plan_dev = on_gpu ? upload_pinned(plan, device) : plan;
+#else
+  const at::Tensor plan_dev = plan;
+#endif
   const at::Tensor lens_host = plan.narrow(0, B, B);
   at::Tensor lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev;  // (lambdas below capture them)
   std::tie(lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev) = layout.views(plan_dev);
@@ -301,7 +363,13 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   }
 
   // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free.
-  const at::Tensor q_host = q_h.to(at::kFloat);
+  q_float_.resize(size_t(B * Hq * D));
+  {
+    const auto* q16 = static_cast<const uint16_t*>(q_h.data_ptr());
+    const bool bf16 = store->scalar_type() == at::kBFloat16;
+    for (size_t i = 0; i < q_float_.size(); ++i)
+      q_float_[i] = bf16 ? core::bf16_to_float(q16[i]) : core::fp16_to_float(q16[i]);
+  }
   core::LayerView view;
   view.pages = store->store->arena();
   view.layout = store->store->layout();
@@ -309,10 +377,13 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   view.frame_table = ph + layout.o_frames();
   view.frame_stride = layout.F;
   view.seq_lens = lens_host.data_ptr<int32_t>();
-  const auto part_opts = at::TensorOptions().dtype(at::kFloat).pinned_memory(on_gpu);
-  at::Tensor out_cpu = at::zeros({B, Hq, D}, part_opts);
-  at::Tensor lse_cpu = at::full({B, Hq}, -std::numeric_limits<float>::infinity(), part_opts);
-  at::Tensor bytes_cpu = at::zeros({B, Hkv}, at::kLong);
+  // The CPU side's part (heads it does not run keep lse = -inf); on a GPU the merge reads it in place.
+  const at::Tensor part = reuse_buffer(cpu_part_, B * Hq * (D + 1), at::kFloat, on_gpu);
+  const at::Tensor out_cpu = part.narrow(0, 0, B * Hq * D).view({B, Hq, D});
+  const at::Tensor lse_cpu = part.narrow(0, B * Hq * D, B * Hq).view({B, Hq});
+  std::fill_n(out_cpu.data_ptr<float>(), B * Hq * D, 0.f);
+  std::fill_n(lse_cpu.data_ptr<float>(), B * Hq, -std::numeric_limits<float>::infinity());
+  std::vector<int64_t> bytes_cpu(size_t(B * Hkv), 0);
   const core::cpu::RetrievalConfig rcfg{int(sink), int(local), float(scale)};
   const int max_threads = cpu_workers > 0 ? int(cpu_workers) : at::get_num_threads();
   core::CpuBatchFn cpu_fn = [&](int64_t begin, int64_t end) {
@@ -329,11 +400,11 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       task.b = int(b);
       task.kv_head = int(kvh);
       task.block_size = bsz.data_ptr<int32_t>()[g];
-      task.q = q_host.data_ptr<float>() + (b * Hq + kvh * G) * D;
+      task.q = q_float_.data() + (b * Hq + kvh * G) * D;
       task.budgets = bud.data_ptr<float>() + b * Hq + kvh * G;
       task.out = out_cpu.data_ptr<float>() + (b * Hq + kvh * G) * D;
       task.lse = lse_cpu.data_ptr<float>() + b * Hq + kvh * G;
-      task.bytes_read = bytes_cpu.data_ptr<int64_t>() + g;
+      task.bytes_read = bytes_cpu.data() + g;
       batch.push_back(task);
     }
     core::cpu::PhaseTimes phases;
@@ -349,27 +420,32 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     if (!control) control = std::make_unique<core::ControlThread>();
     gpu_out.resize(size_t(max_gpu_batches) + 1);
     gpu_lse.resize(size_t(max_gpu_batches) + 1);
+    // Bytes each batch read ([B, Hkv] per batch), copied back into page-locked slots and summed on the host.
+    int64_t* batch_bytes =
+        reuse_buffer(gpu_batch_bytes_, (max_gpu_batches + 1) * B * Hkv, at::kLong, true).data_ptr<int64_t>();
     const c10::cuda::CUDAStream main_stream = c10::cuda::getCurrentCUDAStream(device.index());
-    gpu_fn = [&, main_stream](int64_t begin, int64_t end, int batch) -> core::GpuWaitFn {
+    gpu_fn = [&, main_stream, batch_bytes](int64_t begin, int64_t end, int batch) -> core::GpuWaitFn {
       c10::cuda::CUDAGuard guard(device);
       // Launch on the step's stream: q and the window append were enqueued there.
       c10::cuda::CUDAStreamGuard stream_guard(main_stream);
       auto [o, l, nbytes] = retrieve_on_gpu(begin, end);
       gpu_out[size_t(batch)] = o;
       gpu_lse[size_t(batch)] = l;
-      at::Tensor nb_host = at::empty({}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-      nb_host.copy_(nbytes.sum(), /*non_blocking=*/true);
+      int64_t* slot = batch_bytes + int64_t(batch) * B * Hkv;
+      TORCH_INTERNAL_ASSERT(nbytes.is_contiguous() && nbytes.numel() == B * Hkv);
+      C10_CUDA_CHECK(cudaMemcpyAsync(slot, nbytes.data_ptr<int64_t>(), size_t(B * Hkv) * 8, cudaMemcpyDeviceToHost,
+                                     main_stream.stream()));
       cudaEvent_t done;
       C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
       C10_CUDA_CHECK(cudaEventRecord(done, main_stream.stream()));
       // The wait polls the event, yielding between polls: the control thread has a core of its own (the CPU
       // side uses cpu_workers of them), and a sleep would add its timer slack (~50 us) to every batch.
-      return [done, nb_host, &gpu_bytes_step] {
+      return [done, slot, n = B * Hkv, &gpu_bytes_step] {
         cudaError_t state;
         while ((state = cudaEventQuery(done)) == cudaErrorNotReady) std::this_thread::yield();
         C10_CUDA_CHECK(cudaEventDestroy(done));
         C10_CUDA_CHECK(state);
-        gpu_bytes_step += nb_host.item<int64_t>();
+        for (int64_t i = 0; i < n; ++i) gpu_bytes_step += slot[i];
       };
     };
   }
@@ -384,7 +460,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   retrieval_s += shared_s;
   shared_retrieval_s += shared_s;
   // Throughputs for the next step's split (exponential average over steps; only steps where a side ran).
-  const int64_t cpu_bytes_step = bytes_cpu.sum().item<int64_t>();
+  int64_t cpu_bytes_step = 0;
+  for (int64_t x : bytes_cpu) cpu_bytes_step += x;
   auto update_rate = [](double& rate, int64_t bytes, double busy) {
     if (busy <= 0 || bytes <= 0) return;
     rate = rate > 0 ? 0.7 * rate + 0.3 * (double(bytes) / busy) : double(bytes) / busy;
@@ -403,9 +480,9 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run).
   t = Clock::now();
   std::vector<at::Tensor> outs{o_dense}, lses{lse_dense};
-  if (qs.cpu_tasks > 0) {
-    outs.push_back(out_cpu.to(device, /*non_blocking=*/true));
-    lses.push_back(lse_cpu.to(device, /*non_blocking=*/true));
+  if (qs.cpu_tasks > 0) {  // on a GPU: page-locked, read in place by the merge
+    outs.push_back(out_cpu);
+    lses.push_back(lse_cpu);
   }
   for (size_t i = 0; i < gpu_out.size(); ++i)
     if (gpu_out[i].defined()) {
@@ -435,8 +512,35 @@ std::vector<core::QueueTask> HybridRuntime::plan_tasks(const std::vector<int32_t
 at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
                                       Clock::time_point merge_start, Clock::time_point step_start) {
   at::Tensor out = outs.front();
-  if (outs.size() > 1)
-    out = std::get<0>(op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs), at::stack(lses)));
+#ifdef FLUXION_WITH_CUDA
+  if (device.is_cuda() && outs.size() > 1 && outs.size() <= size_t(core::cuda::kMaxListedStates)) {
+    // One kernel over the parts where they are (the CPU side's in page-locked memory): no stacking copies.
+    core::cuda::MergeListedParams mp;
+    mp.num_states = int(outs.size());
+    mp.head_dim = out.size(-1);
+    mp.rows = out.numel() / mp.head_dim;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      TORCH_INTERNAL_ASSERT(outs[i].scalar_type() == at::kFloat && outs[i].is_contiguous() &&
+                            outs[i].numel() == out.numel() && lses[i].scalar_type() == at::kFloat &&
+                            lses[i].is_contiguous() && lses[i].numel() == mp.rows);
+      mp.outs[i] = device_address(outs[i]);
+      mp.lses[i] = device_address(lses[i]);
+    }
+    at::Tensor merged = at::empty(out.sizes(), at::TensorOptions().dtype(at::kFloat).device(device));
+    mp.out = merged.data_ptr<float>();
+    C10_CUDA_CHECK(core::cuda::merge_listed_states(mp, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+    out = merged;
+  } else
+#endif
+  if (outs.size() > 1) {
+    std::vector<at::Tensor> on_device_outs, on_device_lses;
+    for (size_t i = 0; i < outs.size(); ++i) {
+      on_device_outs.push_back(outs[i].to(device, /*non_blocking=*/true));
+      on_device_lses.push_back(lses[i].to(device, /*non_blocking=*/true));
+    }
+    out = std::get<0>(op<MergeFn>("fluxion::merge_attention_states")
+                          .call(at::stack(on_device_outs), at::stack(on_device_lses)));
+  }
   merge_s += since(merge_start);
   step_s += since(step_start);
   ++steps;

@@ -108,6 +108,14 @@ struct HybridRuntime : torch::CustomClassHolder {
   at::Tensor graph_bytes_;  // bytes read by graph steps' retrieval, summed on the device
   int64_t graph_steps_ = 0;
 
+  // Buffers of the shared step, kept across layers and steps (allocating and copying through the dispatcher
+  // cost more host time per layer than the step's whole merge): staged q | k | v of the new token and the CPU
+  // side's partial state out | lse, page-locked on a GPU; q in fp32 for the CPU kernels; per GPU batch, the
+  // bytes it read. The staging and part buffers are written only after the step's wait for q, which also waits
+  // for everything enqueued earlier, i.e. for the previous steps' copies and merges that read them.
+  at::Tensor shared_staging_, cpu_part_, gpu_batch_bytes_;
+  std::vector<float> q_float_;
+
   // Merges the step's (out, lse) parts (window first) and closes the step's timers.
   at::Tensor merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
                          std::chrono::steady_clock::time_point merge_start,

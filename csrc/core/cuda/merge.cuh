@@ -23,4 +23,19 @@ struct MergeStatesParams {
 size_t merge_attention_states_workspace_bytes(const MergeStatesParams& p);  // 0
 cudaError_t merge_attention_states(const MergeStatesParams& p, void* workspace, cudaStream_t stream);
 
+// The same merge of parts at separate addresses (outs[s] [rows, D], lses[s] [rows]), such as the partial states
+// of one decode step written by different kernels and by the CPU: no stacking copy first. A part may live in
+// page-locked host memory (its device-accessible pointer). lse may be null (not written).
+constexpr int kMaxListedStates = 32;
+struct MergeListedParams {
+  const float* outs[kMaxListedStates] = {};
+  const float* lses[kMaxListedStates] = {};
+  int num_states = 0;  // <= kMaxListedStates
+  int64_t rows = 0;
+  int64_t head_dim = 0;
+  float* out = nullptr;
+  float* lse = nullptr;
+};
+cudaError_t merge_listed_states(const MergeListedParams& p, cudaStream_t stream);
+
 }  // namespace fluxion::core::cuda
