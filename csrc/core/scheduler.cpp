@@ -120,9 +120,14 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
     running.pop_front();
     if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
   };
+  // In a shared queue the CPU side starts pulling only once the GPU side has made its first pull: the GPU then
+  // always gets its first share (a CPU side that drains a small queue before the control thread runs would
+  // leave it nothing), while the launch itself still runs on the control thread, alongside the CPU's work.
+  std::atomic<bool> gpu_first_pulled{!shared || split.max_gpu_batches <= 0};
   // Pulls and launches the GPU side's next batch; false when the queue is empty.
   auto launch_next = [&] {
     const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
+    gpu_first_pulled.store(true, std::memory_order_release);
     if (b >= e) return false;
     int64_t volume = 0;
     for (int64_t i = b; i < e; ++i) volume += queue[size_t(i)].volume;
@@ -142,8 +147,10 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
         }
         if (!launch_next()) break;
       }
+      gpu_first_pulled.store(true, std::memory_order_release);
       while (!running.empty()) wait_oldest();
     } catch (...) {
+      gpu_first_pulled.store(true, std::memory_order_release);
       gpu_error = std::current_exception();
       try {  // launched batches still write their outputs: let them finish before the step's buffers go
         while (!running.empty()) wait_oldest();
@@ -151,18 +158,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
       }
     }
   };
-  if (gpu_fn) {
-    // In a shared queue the GPU's first batch is launched from this thread, before the CPU side starts: the GPU
-    // then never waits for the control thread to wake, and always gets its first share.
-    if (shared && split.max_gpu_batches > 0) {
-      try {
-        launch_next();
-      } catch (...) {
-        gpu_error = std::current_exception();
-      }
-    }
-    if (!gpu_error) control->start(gpu_loop);
-  }
+  if (gpu_fn) control->start(gpu_loop);
   std::exception_ptr cpu_error;
   auto cpu_batch = [&](int64_t b, int64_t e) {
     const double t = now_s();
@@ -172,6 +168,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
     ++st.cpu_batches;
   };
   if (cpu_fn) {
+    while (!gpu_first_pulled.load(std::memory_order_acquire)) std::this_thread::yield();
     try {
       for (;;) {
         const auto [b, e] = pull(st.cpu_batches == 0, cpu_share);

@@ -102,8 +102,8 @@ struct QueueSplit {
 
 // Runs the queue to exhaustion. cpu_fn runs a batch of tasks on the calling thread (it may use every CPU
 // thread); gpu_fn launches a batch from `control` (up to split.gpu_in_flight at once; a new pull happens when
-// fewer are running). With both sides, the GPU's first batch is launched from the calling thread before the CPU
-// side starts, so the GPU never waits for the control thread to wake. Empty gpu_fn:
+// fewer are running). With both sides, the GPU side pulls first (the CPU side waits for that pull, not for the
+// launch), so the GPU always gets its first share. Empty gpu_fn:
 // everything runs on the CPU in one batch; empty cpu_fn: everything on the GPU in one batch. The GPU pulls
 // at most split.max_gpu_batches times (anything left then runs on the CPU).
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
