@@ -1,5 +1,6 @@
 // Core CPU kernels on every SIMD level the CPU has: scoring, top-k, attention, merge, the retrieval task.
 #include <algorithm>
+#include <limits>
 #include <numeric>
 #include <set>
 #include <tuple>
@@ -110,48 +111,73 @@ TEST_CASE("Quest scores match the naive bound at every granularity and SIMD leve
 }
 
 TEST_CASE("top-k selects the largest with ties to the lower index in ascending order", "[kernels]") {
-  std::vector<uint32_t> scratch;
-  const float ninf = -INFINITY;
-  std::vector<float> s = {1.f, 5.f, 5.f, ninf, 3.f, 5.f, 0.5f, NAN};
-  std::vector<int32_t> out(8, -1);
-  REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 2, out.data(), scratch) == 2);
-  REQUIRE(out[0] == 1);
-  REQUIRE(out[1] == 2);
-  REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 100, out.data(), scratch) == 6);  // no -inf, no NaN
-  REQUIRE(std::vector<int32_t>(out.begin(), out.begin() + 6) == std::vector<int32_t>({0, 1, 2, 4, 5, 6}));
-  REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 0, out.data(), scratch) == 0);
-  // A strided sample that overrates the threshold (large scores exactly on the sampled positions) must
-  // fall back to taking every selectable score as a candidate, with the same result.
-  {
-    const int64_t n = 8192, k = 600;
-    std::vector<float> x(static_cast<size_t>(n));
-    std::mt19937 r(3);
-    for (int64_t i = 0; i < n; ++i) x[size_t(i)] = i % 16 == 0 ? 100.f + float(i) : float(r() % 1000) / 100.f;
-    std::vector<int32_t> got(static_cast<size_t>(k));
-    REQUIRE(core::cpu::select_topk(x.data(), n, k, got.data(), scratch) == k);
-    const std::vector<int32_t> want = sorted_topk(x, k);
-    REQUIRE(got == want);
+  for (auto isa : isas()) {  // the candidate pass is a per-ISA kernel
+    core::cpu::set_active_isa(isa);
+    INFO("SIMD level " << core::cpu::isa_name(isa));
+    std::vector<uint32_t> scratch;
+    const float ninf = -INFINITY;
+    std::vector<float> s = {1.f, 5.f, 5.f, ninf, 3.f, 5.f, 0.5f, NAN};
+    std::vector<int32_t> out(8, -1);
+    REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 2, out.data(), scratch) == 2);
+    REQUIRE(out[0] == 1);
+    REQUIRE(out[1] == 2);
+    REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 100, out.data(), scratch) == 6);  // no -inf, no NaN
+    REQUIRE(std::vector<int32_t>(out.begin(), out.begin() + 6) == std::vector<int32_t>({0, 1, 2, 4, 5, 6}));
+    REQUIRE(core::cpu::select_topk(s.data(), int64_t(s.size()), 0, out.data(), scratch) == 0);
+    // A strided sample that overrates the threshold (large scores exactly on the sampled positions) must
+    // fall back to taking every selectable score as a candidate, with the same result.
+    {
+      const int64_t n = 8192, k = 600;
+      std::vector<float> x(static_cast<size_t>(n));
+      std::mt19937 r(3);
+      for (int64_t i = 0; i < n; ++i) x[size_t(i)] = i % 16 == 0 ? 100.f + float(i) : float(r() % 1000) / 100.f;
+      std::vector<int32_t> got(static_cast<size_t>(k));
+      REQUIRE(core::cpu::select_topk(x.data(), n, k, got.data(), scratch) == k);
+      const std::vector<int32_t> want = sorted_topk(x, k);
+      REQUIRE(got == want);
+    }
+    // -0 ties +0: the lower index wins.
+    {
+      std::vector<float> z = {-0.f, 0.f, -1.f};
+      std::vector<int32_t> got(1);
+      REQUIRE(core::cpu::select_topk(z.data(), 3, 1, got.data(), scratch) == 1);
+      REQUIRE(got[0] == 0);
+    }
+    // Random rows against a sort-based selection.
+    std::mt19937 rng(5);
+    for (int trial = 0; trial < 50; ++trial) {
+      const int64_t n = 1 + rng() % (trial < 40 ? 3000 : 20000);
+      std::vector<float> x(static_cast<size_t>(n));
+      for (auto& e : x) e = float(int(rng() % 200)) / 10.f;  // many ties
+      const int64_t k = rng() % (n + 1);
+      std::vector<int32_t> got(static_cast<size_t>(n));
+      const int64_t c = core::cpu::select_topk(x.data(), n, k, got.data(), scratch);
+      const std::vector<int32_t> want = sorted_topk(x, k);
+      REQUIRE(c == k);
+      REQUIRE(std::vector<int32_t>(got.begin(), got.begin() + c) == want);
+    }
+    // Rows with -inf, NaN, +-0, +inf and negative scores in every lane position: never -inf or NaN; the rest by
+    // value, ties to the lower index.
+    for (int trial = 0; trial < 30; ++trial) {
+      const int64_t n = 1 + rng() % 700;
+      std::vector<float> x(static_cast<size_t>(n));
+      const float specials[] = {-INFINITY, NAN, -0.f, 0.f, INFINITY, -1e30f, 1e-30f};
+      for (auto& e : x) e = rng() % 4 == 0 ? specials[rng() % 7] : float(int(rng() % 200) - 100) / 10.f;
+      int64_t selectable = 0;
+      std::vector<float> ranked(x);  // -inf and NaN can never win: rank them below everything
+      for (auto& e : ranked) {
+        if (!(e > -INFINITY)) e = -std::numeric_limits<float>::max();
+        else ++selectable;
+        if (e == 0.f) e = 0.f;
+      }
+      const int64_t k = rng() % (n + 1);
+      std::vector<int32_t> got(static_cast<size_t>(n));
+      const int64_t c = core::cpu::select_topk(x.data(), n, k, got.data(), scratch);
+      REQUIRE(c == std::min(k, selectable));
+      REQUIRE(std::vector<int32_t>(got.begin(), got.begin() + c) == sorted_topk(ranked, c));
+    }
   }
-  // -0 ties +0: the lower index wins.
-  {
-    std::vector<float> z = {-0.f, 0.f, -1.f};
-    std::vector<int32_t> got(1);
-    REQUIRE(core::cpu::select_topk(z.data(), 3, 1, got.data(), scratch) == 1);
-    REQUIRE(got[0] == 0);
-  }
-  // Random rows against a sort-based selection.
-  std::mt19937 rng(5);
-  for (int trial = 0; trial < 50; ++trial) {
-    const int64_t n = 1 + rng() % (trial < 40 ? 3000 : 20000);
-    std::vector<float> x(static_cast<size_t>(n));
-    for (auto& e : x) e = float(int(rng() % 200)) / 10.f;  // many ties
-    const int64_t k = rng() % (n + 1);
-    std::vector<int32_t> got(static_cast<size_t>(n));
-    const int64_t c = core::cpu::select_topk(x.data(), n, k, got.data(), scratch);
-    const std::vector<int32_t> want = sorted_topk(x, k);
-    REQUIRE(c == k);
-    REQUIRE(std::vector<int32_t>(got.begin(), got.begin() + c) == want);
-  }
+  core::cpu::set_active_isa(core::cpu::best_supported_isa());
 }
 
 TEST_CASE("attention over selected blocks matches naive attention and the merge of parts equals the union", "[kernels]") {

@@ -78,7 +78,12 @@ struct KernelTable {
   // Sum of the 64-bit words of [p, p + bytes) (bytes a multiple of 8): a plain streaming read with the
   // widest loads, for measuring the host read-bandwidth ceiling the kernels are compared against.
   uint64_t (*stream_sum)(const void* p, int64_t bytes);
+  // Top-k's candidate pass: the keys (score_key.h) of the scores whose key is >= bound (bound >= 1, so -inf and
+  // NaN never pass) and their indices, in index order; returns how many. keys and idx need room for
+  // n + kGatherSlack entries (a vector pass stores whole vectors).
+  int64_t (*gather_keys)(const float* scores, int64_t n, uint32_t bound, uint32_t* keys, uint32_t* idx);
 };
+constexpr int64_t kGatherSlack = 16;
 
 bool isa_supported(Isa isa);
 Isa best_supported_isa();

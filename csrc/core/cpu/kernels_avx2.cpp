@@ -9,6 +9,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include "core/cpu/score_key.h"  // after the target pragma: compiled for this ISA
+
 namespace fluxion::core::cpu::avx2 {
 namespace {
 
@@ -85,7 +87,7 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
 
 }  // namespace
 
-const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_runs, &stream_sum};
+const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_runs, &stream_sum, &gather_keys_scalar};
 
 }  // namespace fluxion::core::cpu::avx2
 #pragma GCC pop_options

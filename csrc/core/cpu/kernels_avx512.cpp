@@ -22,6 +22,8 @@
 #endif
 #include <immintrin.h>
 
+#include "core/cpu/score_key.h"  // after the target pragma: compiled for this ISA
+
 namespace fluxion::core::cpu::FLUXION_AVX512_NS {
 namespace {
 
@@ -418,6 +420,30 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
   return sum;
 }
 
+// Top-k's candidate pass, 16 scores per step: score_key on the vector, a compare against the bound, and the
+// passing keys and indices compressed to the front of a vector stored whole (hence kGatherSlack).
+int64_t gather_keys(const float* scores, int64_t n, uint32_t bound, uint32_t* keys, uint32_t* idx) {
+  const __m512 neg_inf = _mm512_set1_ps(-__builtin_inff()), zero = _mm512_setzero_ps();
+  const __m512i sign = _mm512_set1_epi32(int(0x80000000u)), ones = _mm512_set1_epi32(-1);
+  const __m512i vbound = _mm512_set1_epi32(int(bound)), step = _mm512_set1_epi32(16);
+  __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t c = 0, i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 f = _mm512_loadu_ps(scores + i);
+    const __mmask16 selectable = _mm512_cmp_ps_mask(f, neg_inf, _CMP_GT_OQ);  // not -inf, not NaN
+    f = _mm512_mask_mov_ps(f, _mm512_cmp_ps_mask(f, zero, _CMP_EQ_OQ), zero);  // -0 -> +0
+    const __m512i u = _mm512_castps_si512(f);
+    // negative: ~u; otherwise u with the sign bit set
+    const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), _mm512_movepi32_mask(u), u, ones);
+    const __mmask16 take = _mm512_mask_cmpge_epu32_mask(selectable, key, vbound);
+    _mm512_storeu_si512(keys + c, _mm512_maskz_compress_epi32(take, key));
+    _mm512_storeu_si512(idx + c, _mm512_maskz_compress_epi32(take, vidx));
+    c += __builtin_popcount(take);
+    vidx = _mm512_add_epi32(vidx, step);
+  }
+  return gather_keys_from(scores, i, n, bound, keys, idx, c);
+}
+
 #ifdef FLUXION_AVX512_AMX
 // One tile product per 16 rows, K chunk of 32 and 16-head group: C[row, head] += A[row, 32 of [min | max]] *
 // B[32, head] with B the matching 32 of [q_neg | q_pos] (q.q_amx). Tiles 0-3 accumulate four 16-row groups (a
@@ -484,9 +510,9 @@ void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q,
 }  // namespace
 
 #ifdef FLUXION_AVX512_AMX
-const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows_amx, &attend_runs_fast, &stream_sum};
+const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows_amx, &attend_runs_fast, &stream_sum, &gather_keys};
 #else
-const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_runs_fast, &stream_sum};
+const KernelTable kTable = {FLUXION_AVX512_ISA, &score_rows, &attend_runs_fast, &stream_sum, &gather_keys};
 #endif
 
 }  // namespace fluxion::core::cpu::FLUXION_AVX512_NS

@@ -1,5 +1,6 @@
 // Scalar fallback: runs on any x86-64 (and any other) CPU.
 #include "core/cpu/kernels.h"
+#include "core/cpu/score_key.h"
 #include "core/half_convert.h"
 
 namespace fluxion::core::cpu::scalar {
@@ -48,6 +49,6 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
 
 }  // namespace
 
-const KernelTable kTable = {Isa::kScalar, &score_rows, &attend_runs, &stream_sum};
+const KernelTable kTable = {Isa::kScalar, &score_rows, &attend_runs, &stream_sum, &gather_keys_scalar};
 
 }  // namespace fluxion::core::cpu::scalar

@@ -11,6 +11,7 @@
 #include <limits>
 #include <stdexcept>
 
+#include "core/cpu/score_key.h"
 #include "core/half_convert.h"
 #include "core/merge.h"
 
@@ -155,18 +156,6 @@ void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_si
   }
 }
 
-namespace {
-// Order-preserving map of a selectable score to a nonzero uint32 (larger score -> larger key); 0 for -inf
-// and NaN, which are never selected. -0 is folded into +0 so that they tie, as float comparison says.
-inline uint32_t score_key(float f) {
-  if (!(f > -std::numeric_limits<float>::infinity())) return 0u;
-  if (f == 0.f) f = 0.f;
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-}  // namespace
-
 int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<uint32_t>& scratch) {
   if (k <= 0 || n <= 0) return 0;
   // A strided sample gives a key `lo` that, with a wide margin, at least k scores reach. One branchless pass
@@ -175,12 +164,18 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
   // misjudged (fewer than k reach lo), every selectable score is a candidate: same result, more work.
   constexpr int64_t kSample = 512;
   const int64_t S = std::min(n, kSample);
-  if (int64_t(scratch.size()) < S + 3 * n) scratch.resize(size_t(S + 3 * n));  // grows once, never shrinks
+  // The gather may write up to kGatherSlack entries past the last one it keeps.
+  const int64_t room = n + kGatherSlack;
+  if (int64_t(scratch.size()) < S + 3 * room) scratch.resize(size_t(S + 3 * room));  // grows once, never shrinks
   uint32_t* sample = scratch.data();
   uint32_t* ckey = sample + S;
-  uint32_t* cidx = ckey + n;
-  uint32_t* tmp = cidx + n;
-  for (int64_t i = 0; i < S; ++i) sample[i] = score_key(scores[i * n / S]);
+  uint32_t* cidx = ckey + room;
+  uint32_t* tmp = cidx + room;
+  if (S == kSample) {  // the usual case: a division by a constant, i.e. a shift
+    for (int64_t i = 0; i < kSample; ++i) sample[i] = score_key(scores[i * n / kSample]);
+  } else {
+    for (int64_t i = 0; i < S; ++i) sample[i] = score_key(scores[i * n / S]);
+  }
   const int64_t expect = (k * S + n - 1) / n;  // sample rank of the k-th largest score, in expectation
   const int64_t rank = expect + int64_t(3.0 * std::sqrt(double(expect))) + 4;
   uint32_t lo = 1u;
@@ -188,16 +183,7 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
     std::nth_element(sample, sample + rank, sample + S, std::greater<uint32_t>());
     lo = std::max(sample[rank], 1u);
   }
-  auto gather = [&](uint32_t bound) {
-    int64_t c = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t key = score_key(scores[i]);
-      ckey[c] = key;
-      cidx[c] = uint32_t(i);
-      c += key >= bound;
-    }
-    return c;
-  };
+  auto gather = [&](uint32_t bound) { return kernels().gather_keys(scores, n, bound, ckey, cidx); };
   int64_t c = gather(lo);
   if (c < k && lo > 1u) c = gather(1u);
   if (c <= k) {  // every candidate is selected: all scores >= lo (or all selectable ones)
