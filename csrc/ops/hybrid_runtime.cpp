@@ -528,7 +528,14 @@ at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const
     }
     at::Tensor merged = at::empty(out.sizes(), at::TensorOptions().dtype(at::kFloat).device(device));
     mp.out = merged.data_ptr<float>();
-    C10_CUDA_CHECK(core::cuda::merge_listed_states(mp, c10::cuda::getCurrentCUDAStream(device.index()).stream()));
+    const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
+    C10_CUDA_CHECK(core::cuda::merge_listed_states(mp, stream.stream()));
+    // A host part's page-locked block must not go back to torch's host allocator for reuse before the kernel
+    // has read it (the runtime may be dropped right after this step): tell the allocator, as copy_ would.
+    for (size_t i = 0; i < outs.size(); ++i)
+      if (!outs[i].is_cuda())
+        at::getHostAllocator(at::kCUDA)->record_event(outs[i].data_ptr(), outs[i].storage().data_ptr().get_context(),
+                                                      stream.unwrap());
     out = merged;
   } else
 #endif
