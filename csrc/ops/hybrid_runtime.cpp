@@ -72,15 +72,20 @@ void copy_to_host_async(at::Tensor& dst, const at::Tensor& src, cudaStream_t str
   }
 }
 
+// Tells torch's caching host allocator that work enqueued on `stream` reads `host` (page-locked, from that
+// allocator), so its block is not handed out again before the work has run: what copy_ does for its copies.
+void record_host_use(const at::Tensor& host, const c10::cuda::CUDAStream& stream) {
+  at::getHostAllocator(at::kCUDA)->record_event(host.data_ptr(), host.storage().data_ptr().get_context(),
+                                                stream.unwrap());
+}
+
 // A copy on `device` of src (page-locked, from torch's caching host allocator), enqueued on the current stream.
-// The allocator is told, so src's block is not handed out again before the copy has run (as copy_ does).
 at::Tensor upload_pinned(const at::Tensor& src, at::Device device) {
   at::Tensor dst = at::empty(src.sizes(), at::TensorOptions().dtype(src.scalar_type()).device(device));
   const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
   C10_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), size_t(src.nbytes()), cudaMemcpyHostToDevice,
                                  stream.stream()));
-  at::getHostAllocator(at::kCUDA)->record_event(src.data_ptr(), src.storage().data_ptr().get_context(),
-                                                stream.unwrap());
+  record_host_use(src, stream);
   return dst;
 }
 
@@ -530,12 +535,9 @@ at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const
     mp.out = merged.data_ptr<float>();
     const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
     C10_CUDA_CHECK(core::cuda::merge_listed_states(mp, stream.stream()));
-    // A host part's page-locked block must not go back to torch's host allocator for reuse before the kernel
-    // has read it (the runtime may be dropped right after this step): tell the allocator, as copy_ would.
+    // The runtime may be dropped right after this step, before the kernel has read a host part.
     for (size_t i = 0; i < outs.size(); ++i)
-      if (!outs[i].is_cuda())
-        at::getHostAllocator(at::kCUDA)->record_event(outs[i].data_ptr(), outs[i].storage().data_ptr().get_context(),
-                                                      stream.unwrap());
+      if (!outs[i].is_cuda()) record_host_use(outs[i], stream);
     out = merged;
   } else
 #endif
