@@ -335,6 +335,7 @@ def main(argv=None) -> int:
                 rows.append(dict(mode=mode, context=ctx, batch=b, tpot_p50_ms=p50 * 1e3, tpot_p99_ms=p99 * 1e3,
                                  prefill_s=prefill_s, peak_gpu_bytes=peak, stats=stats, **attn,
                                  ratio_to_floor=(p50 / floors[b]) if b in floors else None))
+                write_rows(a.out, rows, env)  # after every row: a run cut short keeps what it measured
     write_rows(a.out, rows, env)
     return 0
 
