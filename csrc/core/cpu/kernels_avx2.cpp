@@ -85,9 +85,51 @@ uint64_t stream_sum(const void* p, int64_t bytes) {
   return sum;
 }
 
+// Lane indices of the set bits of each 8-bit mask, packed to the front: AVX2 has no compress instruction, so a
+// permute by this table does its job.
+struct CompressTable {
+  alignas(32) int32_t lanes[256][8];
+};
+constexpr CompressTable make_compress_table() {
+  CompressTable t{};
+  for (int m = 0; m < 256; ++m) {
+    int c = 0;
+    for (int i = 0; i < 8; ++i)
+      if (m >> i & 1) t.lanes[m][c++] = i;
+  }
+  return t;
+}
+constexpr CompressTable kCompress = make_compress_table();
+
+// Top-k's candidate pass, 8 scores per step (see the AVX-512 twin): keys by bit operations, the unsigned
+// compare as max(key, bound) == key, the passing lanes packed by a table permute and stored whole.
+int64_t gather_keys(const float* scores, int64_t n, uint32_t bound, uint32_t* keys, uint32_t* idx) {
+  const __m256 neg_inf = _mm256_set1_ps(-__builtin_inff()), zero = _mm256_setzero_ps();
+  const __m256i sign = _mm256_set1_epi32(int(0x80000000u)), vbound = _mm256_set1_epi32(int(bound));
+  const __m256i step = _mm256_set1_epi32(8);
+  __m256i vidx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  int64_t c = 0, i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 f = _mm256_add_ps(_mm256_loadu_ps(scores + i), zero);  // -0 + 0 = +0
+    const __m256 selectable = _mm256_cmp_ps(f, neg_inf, _CMP_GT_OQ);     // not -inf, not NaN
+    const __m256i u = _mm256_castps_si256(f);
+    const __m256i negative = _mm256_srai_epi32(u, 31);
+    // negative: ~u; otherwise u with the sign bit set
+    const __m256i key = _mm256_or_si256(_mm256_xor_si256(u, negative), _mm256_andnot_si256(negative, sign));
+    const __m256i at_least = _mm256_cmpeq_epi32(_mm256_max_epu32(key, vbound), key);
+    const int take = _mm256_movemask_ps(_mm256_and_ps(selectable, _mm256_castsi256_ps(at_least)));
+    const __m256i perm = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[take]));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(keys + c), _mm256_permutevar8x32_epi32(key, perm));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + c), _mm256_permutevar8x32_epi32(vidx, perm));
+    c += __builtin_popcount(unsigned(take));
+    vidx = _mm256_add_epi32(vidx, step);
+  }
+  return gather_keys_from(scores, i, n, bound, keys, idx, c);
+}
+
 }  // namespace
 
-const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_runs, &stream_sum, &gather_keys_scalar};
+const KernelTable kTable = {Isa::kAvx2, &score_rows, &attend_runs, &stream_sum, &gather_keys};
 
 }  // namespace fluxion::core::cpu::avx2
 #pragma GCC pop_options
