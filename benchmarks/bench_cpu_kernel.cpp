@@ -8,9 +8,12 @@
 //   cmake -S . -B build/cmake -DFLUXION_BENCHMARKS=ON && cmake --build build/cmake -j --target bench_cpu_kernel
 //   build/cmake/bench_cpu_kernel --threads 1 14 --order random --heads 4
 //
-// Options: --threads N... (default 1), --order seq|random (units in address order, or shuffled: a sparse
-// selection), --heads H (heads of the 4-head group that read every unit, 1-4), --mib M (buffer, default 4096),
-// --item U (units per kernel call, default 16), --reps R (median of R, default 5).
+// Options: --threads N... (default 1), --order seq|random|select (units in address order; shuffled; or as the
+// CPU task reads a sparse selection: per region of 8192 units (one KV head's 128K tokens at block 16) each head
+// picks --budget of the units at random, and the union is read in ascending order, each unit for the heads that
+// picked it), --heads H (heads of the 4-head group that read each unit (seq, random) or select (select), 1-4),
+// --budget F (select: default 0.05), --mib M (buffer, default 4096), --item U (units per kernel call, default
+// 16), --reps R (median of R, default 5).
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -18,6 +21,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <string>
 #include <thread>
@@ -50,7 +54,8 @@ double median(std::vector<double> v) {
 
 int main(int argc, char** argv) {
   std::vector<int> thread_counts;
-  bool random_order = false;
+  std::string order_name = "seq";
+  double budget = 0.05;
   int heads = 4, item = 16, reps = 5;
   int64_t mib = 4096;
   for (int i = 1; i < argc; ++i) {
@@ -65,12 +70,13 @@ int main(int argc, char** argv) {
     if (a == "--threads") {
       while (i + 1 < argc && argv[i + 1][0] != '-') thread_counts.push_back(std::atoi(argv[++i]));
     } else if (a == "--order") {
-      const std::string o = value();
-      if (o != "seq" && o != "random") {
-        std::fprintf(stderr, "--order must be seq or random, got %s\n", o.c_str());
+      order_name = value();
+      if (order_name != "seq" && order_name != "random" && order_name != "select") {
+        std::fprintf(stderr, "--order must be seq, random or select, got %s\n", order_name.c_str());
         return 2;
       }
-      random_order = o == "random";
+    } else if (a == "--budget") {
+      budget = std::atof(value().c_str());
     } else if (a == "--heads") {
       heads = std::atoi(value().c_str());
     } else if (a == "--mib") {
@@ -85,8 +91,8 @@ int main(int argc, char** argv) {
     }
   }
   if (thread_counts.empty()) thread_counts.push_back(1);
-  if (heads < 1 || heads > G || item < 1 || reps < 1 || mib < 16) {
-    std::fprintf(stderr, "need 1 <= --heads <= %d, --item >= 1, --reps >= 1, --mib >= 16\n", G);
+  if (heads < 1 || heads > G || item < 1 || reps < 1 || mib < 16 || !(budget > 0 && budget <= 1)) {
+    std::fprintf(stderr, "need 1 <= --heads <= %d, --item >= 1, --reps >= 1, --mib >= 16, 0 < --budget <= 1\n", G);
     return 2;
   }
   const int64_t bytes = mib << 20, units = bytes / (kUnitElems * 2);
@@ -101,14 +107,38 @@ int main(int argc, char** argv) {
   std::mt19937 rng(1);
   std::vector<float> q(size_t(G * D));
   for (auto& x : q) x = std::normal_distribution<float>()(rng);
-  std::vector<int64_t> order(static_cast<size_t>(units));
-  for (int64_t i = 0; i < units; ++i) order[size_t(i)] = i;
-  if (random_order) std::shuffle(order.begin(), order.end(), std::mt19937_64(2));
-  const uint64_t mask = (uint64_t(1) << heads) - 1;
+  // The units read, in reading order, and the heads that read each.
+  std::vector<int64_t> order;
+  std::vector<uint64_t> masks;
+  if (order_name == "select") {
+    constexpr int64_t kRegion = 8192;
+    std::mt19937_64 pick(2);
+    for (int64_t r0 = 0; r0 < units; r0 += kRegion) {
+      const int64_t n = std::min(kRegion, units - r0), k = std::max<int64_t>(1, int64_t(budget * double(n)));
+      std::vector<uint64_t> chosen(static_cast<size_t>(n), 0);
+      std::vector<int64_t> idx(static_cast<size_t>(n));
+      for (int h = 0; h < heads; ++h) {
+        std::iota(idx.begin(), idx.end(), 0);
+        for (int64_t i = 0; i < k; ++i) {  // a partial Fisher-Yates: k distinct units
+          std::swap(idx[size_t(i)], idx[size_t(i + int64_t(pick() % uint64_t(n - i)))]);
+          chosen[size_t(idx[size_t(i)])] |= uint64_t(1) << h;
+        }
+      }
+      for (int64_t i = 0; i < n; ++i)
+        if (chosen[size_t(i)]) order.push_back(r0 + i), masks.push_back(chosen[size_t(i)]);
+    }
+  } else {
+    order.resize(static_cast<size_t>(units));
+    std::iota(order.begin(), order.end(), 0);
+    if (order_name == "random") std::shuffle(order.begin(), order.end(), std::mt19937_64(2));
+    masks.assign(order.size(), (uint64_t(1) << heads) - 1);
+  }
+  const int64_t reads = int64_t(order.size()), read_bytes = reads * kUnitElems * 2;
 
-  std::printf("# attend_runs on %s | %s units of 8 KiB, %d of %d heads, %d units per call, %lld MiB, median of %d\n",
-              cpu::isa_name(cpu::active_isa()), random_order ? "shuffled" : "address-ordered", heads, G, item,
-              static_cast<long long>(mib), reps);
+  std::printf("# attend_runs on %s | %s units of 8 KiB (%lld of %lld read), %d of %d heads, %d units per call, "
+              "%lld MiB, median of %d\n",
+              cpu::isa_name(cpu::active_isa()), order_name.c_str(), static_cast<long long>(reads),
+              static_cast<long long>(units), heads, G, item, static_cast<long long>(mib), reps);
   for (const int threads : thread_counts) {
     std::vector<double> t_stream;
     for (int r = 0; r < reps; ++r)
@@ -127,20 +157,20 @@ int main(int argc, char** argv) {
           std::vector<float> state(size_t(G * D + 2 * G));
           const cpu::OnlineSoftmax st{state.data(), state.data() + G, state.data() + 2 * G};
           std::vector<cpu::RowRun> runs(size_t(item + ahead));
-          const int64_t b = units * w / threads, e = units * (w + 1) / threads;
+          const int64_t b = reads * w / threads, e = reads * (w + 1) / threads;
           for (int64_t u = b; u < e; u += item) {
             const int64_t n = std::min<int64_t>(item, e - u), listed = std::min<int64_t>(n + ahead, e - u);
             for (int64_t i = 0; i < listed; ++i) {  // runs past n are listed only to be prefetched
               const uint16_t* k = buf + order[size_t(u + i)] * kUnitElems;
-              runs[size_t(i)] = cpu::RowRun{k, k + 16 * D, 0, 16, i < n ? mask : 0};
+              runs[size_t(i)] = cpu::RowRun{k, k + 16 * D, 0, 16, i < n ? masks[size_t(u + i)] : 0};
             }
             cpu::init_state(st, G, D);
             cpu::kernels().attend_runs(runs.data(), n, listed, ahead, 32 * D, pq, G, D, DType::kBFloat16, st);
           }
         }));
-      const double t = median(t_kernel), gbs = double(bytes) / t / 1e9;
+      const double t = median(t_kernel), gbs = double(read_bytes) / t / 1e9;
       std::printf("threads %2d ahead %d: %6.1f GB/s  ceiling %6.1f GB/s  ratio %.2f  %6.0f ns per unit per thread\n",
-                  threads, ahead, gbs, ceiling, gbs / ceiling, t * 1e9 / (double(units) / threads));
+                  threads, ahead, gbs, ceiling, gbs / ceiling, t * 1e9 / (double(reads) / threads));
       std::fflush(stdout);
     }
   }
