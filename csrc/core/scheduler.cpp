@@ -110,34 +110,21 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   };
   QueueRunStats st;
   std::exception_ptr gpu_error;
-  // Up to gpu_in_flight GPU batches run at once; busy time is the union of their [launch, finished] intervals.
-  std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
-  int64_t running_volume = 0;
-  double busy_since = 0;
-  auto wait_oldest = [&] {
-    if (running.front().first) running.front().first();
-    running_volume -= running.front().second;
-    running.pop_front();
-    if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
-  };
   // In a shared queue the CPU side starts pulling only once the GPU side has made its first pull: the GPU then
   // always gets its first share (a CPU side that drains a small queue before the control thread runs would
   // leave it nothing), while the launch itself still runs on the control thread, alongside the CPU's work.
   std::atomic<bool> gpu_first_pulled{!shared || split.max_gpu_batches <= 0};
-  // Pulls and launches the GPU side's next batch; false when the queue is empty.
-  auto launch_next = [&] {
-    const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
-    gpu_first_pulled.store(true, std::memory_order_release);
-    if (b >= e) return false;
-    int64_t volume = 0;
-    for (int64_t i = b; i < e; ++i) volume += queue[size_t(i)].volume;
-    if (running.empty()) busy_since = now_s();
-    running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
-    running_volume += volume;
-    st.gpu_tasks += e - b;
-    return true;
-  };
   auto gpu_loop = [&] {
+    // Up to gpu_in_flight batches run at once; busy time is the union of their [launch, finished] intervals.
+    std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
+    int64_t running_volume = 0;
+    double busy_since = 0;
+    auto wait_oldest = [&] {
+      if (running.front().first) running.front().first();
+      running_volume -= running.front().second;
+      running.pop_front();
+      if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
+    };
     try {
       while (st.gpu_batches < split.max_gpu_batches) {
         if (!running.empty() && (int(running.size()) >= std::max(split.gpu_in_flight, 1) ||
@@ -145,12 +132,18 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
           wait_oldest();
           continue;
         }
-        if (!launch_next()) break;
+        const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
+        gpu_first_pulled.store(true, std::memory_order_release);
+        if (b >= e) break;
+        int64_t volume = 0;
+        for (int64_t i = b; i < e; ++i) volume += queue[size_t(i)].volume;
+        if (running.empty()) busy_since = now_s();
+        running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
+        running_volume += volume;
+        st.gpu_tasks += e - b;
       }
-      gpu_first_pulled.store(true, std::memory_order_release);
       while (!running.empty()) wait_oldest();
     } catch (...) {
-      gpu_first_pulled.store(true, std::memory_order_release);
       gpu_error = std::current_exception();
       try {  // launched batches still write their outputs: let them finish before the step's buffers go
         while (!running.empty()) wait_oldest();

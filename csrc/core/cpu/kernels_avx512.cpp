@@ -429,9 +429,8 @@ int64_t gather_keys(const float* scores, int64_t n, uint32_t bound, uint32_t* ke
   __m512i vidx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t c = 0, i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m512 f = _mm512_loadu_ps(scores + i);
+    const __m512 f = _mm512_add_ps(_mm512_loadu_ps(scores + i), zero);      // -0 + 0 = +0
     const __mmask16 selectable = _mm512_cmp_ps_mask(f, neg_inf, _CMP_GT_OQ);  // not -inf, not NaN
-    f = _mm512_mask_mov_ps(f, _mm512_cmp_ps_mask(f, zero, _CMP_EQ_OQ), zero);  // -0 -> +0
     const __m512i u = _mm512_castps_si512(f);
     // negative: ~u; otherwise u with the sign bit set
     const __m512i key = _mm512_mask_xor_epi32(_mm512_or_si512(u, sign), _mm512_movepi32_mask(u), u, ones);
