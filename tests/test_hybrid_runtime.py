@@ -156,3 +156,58 @@ def test_graph_steps_reject_bad_input_and_leave_the_store_alone():
     with pytest.raises(RuntimeError, match="previous graph step was not closed"):
         rt.graph_begin([seq], budgets, sizes)
     rt.graph_end()
+
+
+
+def _run_split(device, budgets, parts, steps=3, seed=3):
+    """Decode steps of layer 0 over 2 sequences (one left-padded) on a store of 128-token pages, with the dense
+    groups split into `parts` token ranges (1: never). Every GPU step shares the queue with the CPU. Returns the
+    outputs, the stats and, per step, (q, K, V of each sequence)."""
+    hkv, hq, d, n0 = 2, 8, 64, 1500
+    dev = torch.device(device)
+    store = fluxion.HostKVStore(1, hkv, d, torch.bfloat16, page_tokens=128, pin=dev.type == "cuda")
+    seqs = [store.add_sequence() for _ in range(2)]
+    rt = torch.classes.fluxion.HybridRuntime(store._impl, hq, str(dev), 64, 256, 2)
+    rt.configure(2, True, 0)
+    rt.set_dense_parts(parts)
+    rt.set_sequences(seqs)
+    k, v, direction = make_kv(2, hkv, n0 + steps, d, torch.bfloat16, seed=seed)
+    valid = torch.ones(2, n0, dtype=torch.bool)
+    valid[1, :300] = False
+    rt.prefill(0, k[:, :, :n0].to(dev), v[:, :, :n0].to(dev), valid.to(dev))
+    sizes = torch.tensor([[16, 128], [32, 64]], dtype=torch.int32)
+    outs, refs = [], []
+    for step in range(steps):
+        q = make_q(2, hq, d, torch.bfloat16, direction, seed=200 + step)
+        kn, vn = k[:, :, n0 + step:n0 + step + 1], v[:, :, n0 + step:n0 + step + 1]
+        outs.append(rt.decode(0, q.to(dev), kn.to(dev), vn.to(dev), budgets, sizes, True, d ** -0.5).cpu())
+        refs.append((q, [k[b, :, first:n0 + step + 1] for b, first in ((0, 0), (1, 300))],
+                     [v[b, :, first:n0 + step + 1] for b, first in ((0, 0), (1, 300))]))
+    return outs, rt.stats(), refs
+
+
+@pytest.mark.parametrize("table", ["full", "mixed"])
+def test_dense_groups_split_into_token_ranges_give_the_same_attention(device, table):
+    # Mixed: group 0 of each row is dense (heads at 1, or 0 for a streaming head), group 1 retrieves a fraction.
+    budgets = (torch.ones(2, 8) if table == "full" else
+               torch.tensor([[1.0, 0.0, 1.0, 1.0, 0.3, 0.1, 0.0, 0.5], [0.0, 1.0, 1.0, 1.0, 0.2, 0.2, 0.6, 0.05]]))
+    whole, st1, _ = _run_split(device, budgets, 1)
+    split, st3, refs = _run_split(device, budgets, 3)
+    # Each dense group (4 in the full table, 2 in the mixed one) became 3 tasks, in each of the 3 steps.
+    tasks = lambda st: st["cpu_tasks"] + st["gpu_tasks"]
+    assert tasks(st3) == tasks(st1) + 2 * (4 if table == "full" else 2) * 3
+    for a, b in zip(split, whole):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+    if table == "full":  # both equal exact attention over everything stored
+        for out, (q, ks, vs) in zip(split, refs):
+            for b in range(2):
+                fo, _ = R.full_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([ks[b].shape[1]]),
+                                         64 ** -0.5)
+                torch.testing.assert_close(out[b], fo[0], atol=1e-4, rtol=1e-3)
+
+
+def test_dense_parts_is_checked():
+    store = fluxion.HostKVStore(1, 2, 64, torch.bfloat16)
+    rt = torch.classes.fluxion.HybridRuntime(store._impl, 8, "cpu", 64, 256, 1)
+    with pytest.raises(RuntimeError, match="dense_parts must be in"):
+        rt.set_dense_parts(17)

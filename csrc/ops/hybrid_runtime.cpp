@@ -123,6 +123,79 @@ std::pair<at::Tensor, at::Tensor> checked_plan_tables(const at::Tensor& budgets,
 }
 
 
+// The rows a shared step's retrieval runs over. Without a split, the batch's rows. With the dense groups split
+// into `parts` token ranges: the batch's rows first (they keep the groups that are not split), then part p of row
+// b at row (1 + p) * B + b. A part row is row b seen from page origin o: its frame table is row b's from frame
+// o / page_tokens on, and its length is chosen so that its retrieval region [sink, n - local) is the part's
+// tokens. Each part is a task of its own (the queue balances finer), and parts merge by LSE like any other.
+struct RetrievalRows {
+  int64_t B = 0, parts = 0;
+  std::vector<int32_t> lens;          // per row: the length its retrieval sees (after this step's token)
+  std::vector<int64_t> frame_offset;  // per row: its first frame in row (r % B)'s frame table
+  std::vector<float> budgets;         // [rows, Hq]
+  std::vector<int32_t> block_sizes;   // [rows, Hkv]
+  int64_t rows() const { return B * (1 + parts); }
+  int64_t base(int64_t row) const { return row % B; }
+  // Bit k set: some of `groups` (row * Hkv + kv_head) lie in row block k, rows [k * B, (k + 1) * B).
+  uint64_t blocks_of(const int32_t* groups, int64_t n, int64_t Hkv) const {
+    uint64_t m = 0;
+    for (int64_t i = 0; i < n; ++i) m |= uint64_t(1) << (groups[i] / Hkv / B);
+    return m;
+  }
+};
+
+// A group is dense when each of its heads takes every candidate or none (budget 1 or 0) and one takes them all.
+bool dense_group(const float* head_budgets, int64_t G) {
+  bool any = false;
+  for (int64_t h = 0; h < G; ++h) {
+    if (head_budgets[h] > 0.f && head_budgets[h] < 1.f) return false;
+    any = any || head_budgets[h] >= 1.f;
+  }
+  return any;
+}
+
+// The rows of a step over sequences of lens_before[b] + 1 tokens with the given tables, dense groups split into
+// `parts` page-aligned token ranges (parts <= 1: no split). A row too short for every part leaves the last ones
+// empty (no candidates, so no task).
+RetrievalRows retrieval_rows(const std::vector<int32_t>& lens_before, const float* budgets, const int32_t* block_sizes,
+                             int64_t Hq, int64_t Hkv, int64_t sink, int64_t local, int64_t page_tokens, int64_t parts) {
+  RetrievalRows r;
+  r.B = int64_t(lens_before.size());
+  r.parts = parts > 1 ? parts : 0;
+  const int64_t B = r.B, G = Hq / Hkv, R = r.rows();
+  r.lens.assign(size_t(R), 0);
+  r.frame_offset.assign(size_t(R), 0);
+  r.budgets.assign(size_t(R * Hq), 0.f);
+  r.block_sizes.resize(size_t(R * Hkv));
+  for (int64_t row = 0; row < R; ++row)
+    std::copy(block_sizes + r.base(row) * Hkv, block_sizes + (r.base(row) + 1) * Hkv, r.block_sizes.begin() + row * Hkv);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = lens_before[size_t(b)] + 1;
+    r.lens[size_t(b)] = int32_t(n);
+    for (int64_t kv = 0; kv < Hkv; ++kv) {
+      const float* gb = budgets + b * Hq + kv * G;
+      // The batch row keeps the groups that are not split; the part rows take the dense ones.
+      const int64_t first_row = r.parts && dense_group(gb, G) ? B + b : b;
+      for (int64_t row = first_row; row < (first_row == b ? b + 1 : R); row += B)
+        std::copy(gb, gb + G, r.budgets.begin() + row * Hq + kv * G);
+    }
+    if (!r.parts) continue;
+    // Page-aligned origins o_p of the region [sink, n - local): part p is [o_p + sink, o_{p+1} + sink), the last
+    // one ends at n - local.
+    const int64_t region = std::max<int64_t>(0, n - local - sink);
+    for (int64_t p = 0; p < r.parts; ++p) {
+      const int64_t row = (1 + p) * B + b;
+      const int64_t o = p * region / r.parts / page_tokens * page_tokens;
+      const int64_t o_next = (p + 1) * region / r.parts / page_tokens * page_tokens;
+      const int64_t end = p + 1 < r.parts ? std::min(o_next + sink, n - local) : n - local;
+      const bool empty = end <= o + sink;  // the region is shorter than `parts` pages
+      r.frame_offset[size_t(row)] = o / page_tokens;
+      r.lens[size_t(row)] = int32_t(empty ? sink + local : end - o + local);
+    }
+  }
+  return r;
+}
+
 // One layer step's plan as int32 words, uploaded to the device in one page-locked copy:
 //   [lens before B | lens after B | budgets B*Hq (fp32 bits) | block sizes B*Hkv | task groups (`groups` slots)
 //    | frame table B*F]
@@ -133,19 +206,22 @@ struct PlanRow {
   int64_t o_groups() const { return o_bsz() + B * Hkv; }
   int64_t o_frames() const { return o_groups() + groups; }
   int64_t words() const { return o_frames() + B * F; }
-  // Writes everything but the task groups (those slots are zeroed).
-  void fill(int32_t* ph, const std::vector<int32_t>& lens_before, const float* budgets, const int32_t* block_sizes,
-            const core::HostKVStore& store, int64_t layer, const std::vector<int64_t>& ids) const {
-    for (int64_t b = 0; b < B; ++b) {
-      ph[b] = lens_before[size_t(b)];
-      ph[B + b] = lens_before[size_t(b)] + 1;
+  // Writes everything but the task groups (those slots are zeroed) for the rows `r` (B == r.rows()) of the
+  // batch `ids`.
+  void fill(int32_t* ph, const RetrievalRows& r, const core::HostKVStore& store, int64_t layer,
+            const std::vector<int64_t>& ids) const {
+    for (int64_t row = 0; row < B; ++row) {
+      ph[row] = r.lens[size_t(row)] - 1;
+      ph[B + row] = r.lens[size_t(row)];
     }
-    std::memcpy(ph + o_bud(), budgets, size_t(B * Hq) * 4);
-    std::memcpy(ph + o_bsz(), block_sizes, size_t(B * Hkv) * 4);
+    std::memcpy(ph + o_bud(), r.budgets.data(), size_t(B * Hq) * 4);
+    std::memcpy(ph + o_bsz(), r.block_sizes.data(), size_t(B * Hkv) * 4);
     std::fill(ph + o_groups(), ph + words(), 0);
-    for (int64_t b = 0; b < B; ++b) {
-      const auto& fr = store.frames(int(layer), int(ids[size_t(b)]));
-      std::copy(fr.begin(), fr.begin() + std::min<int64_t>(F, int64_t(fr.size())), ph + o_frames() + b * F);
+    for (int64_t row = 0; row < B; ++row) {
+      const auto& fr = store.frames(int(layer), int(ids[size_t(r.base(row))]));
+      const int64_t first = std::min<int64_t>(r.frame_offset[size_t(row)], int64_t(fr.size()));
+      const int64_t count = std::min<int64_t>(F, int64_t(fr.size()) - first);
+      std::copy(fr.begin() + first, fr.begin() + first + count, ph + o_frames() + row * F);
     }
   }
   // Views of an uploaded row: (lens before [B], lens after [B], budgets [B, Hq] float32, block sizes [B, Hkv],
@@ -264,14 +340,28 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     // frames this step may touch, the new token's page included
     max_frames = std::max<int64_t>(max_frames, lens_before[size_t(b)] / store->store->layout().page_tokens + 1);
   }
-  core::TaskQueue queue(plan_tasks(lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>()));
-  plan_s += since(t);
-  t = Clock::now();
+  std::vector<core::QueueTask> tasks = plan_tasks(lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>());
+  int64_t volume = 0;
+  for (const auto& task : tasks) volume += task.volume;
   // A small step runs on the GPU alone, without waiting for the device: the host enqueues it and returns,
   // which keeps the GPU's queue full (a CPU share would need q on the host, i.e. a sync whose latency costs
   // more than the CPU saves). Larger steps share the queue between the CPU and the GPU.
   use_gpu = use_gpu && on_gpu;
-  const bool gpu_alone = use_gpu && (!cpu_retrieval || queue.total_volume() < min_shared_volume);
+  const bool gpu_alone = use_gpu && (!cpu_retrieval || volume < min_shared_volume);
+  // The retrieval's rows: the batch's, plus token-range parts of the dense groups when the queue is short.
+  const int64_t page_tokens = store->store->layout().page_tokens;
+  const RetrievalRows rows =
+      retrieval_rows(lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>(), Hq, Hkv, sink, local, page_tokens,
+                     gpu_alone ? 0 : split_parts(tasks, lens_before, bud.data_ptr<float>(), use_gpu && cpu_retrieval));
+  const int64_t R = rows.rows();
+  if (rows.parts) {
+    std::vector<int32_t> rows_before(rows.lens.begin(), rows.lens.end());
+    for (auto& n : rows_before) --n;
+    tasks = plan_tasks(rows_before, rows.budgets.data(), rows.block_sizes.data());
+  }
+  core::TaskQueue queue(std::move(tasks));
+  plan_s += since(t);
+  t = Clock::now();
 
   // 2. The new token: host store and dense window. The GPU-alone step reserves its store positions now and
   //    writes them once an async device -> host copy lands (the token is read from the store only after it
@@ -322,33 +412,37 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // The plan goes to the device in one page-locked copy (one allocation, one transfer, no per-batch uploads),
   // task groups in queue order.
   const int64_t n_tasks = int64_t(queue.size());
-  const PlanRow layout{B, Hq, Hkv, n_tasks, max_frames};
+  const PlanRow layout{R, Hq, Hkv, n_tasks, max_frames};
   at::Tensor plan = at::empty({layout.words()}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
   int32_t* ph = plan.data_ptr<int32_t>();
-  layout.fill(ph, lens_before, bud.data_ptr<float>(), bsz.data_ptr<int32_t>(), *store->store, layer, ids);
+  layout.fill(ph, rows, *store->store, layer, ids);
   for (int64_t i = 0; i < n_tasks; ++i) ph[layout.o_groups() + i] = queue[size_t(i)].group;
 #ifdef FLUXION_WITH_CUDA
   const at::Tensor plan_dev = on_gpu ? upload_pinned(plan, device) : plan;
 #else
   const at::Tensor plan_dev = plan;
 #endif
-  const at::Tensor lens_host = plan.narrow(0, B, B);
+  const at::Tensor lens_host = plan.narrow(0, R, R);
   at::Tensor lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev;  // (lambdas below capture them)
   std::tie(lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev) = layout.views(plan_dev);
-  op<WindowAppendFn>("fluxion::window_append").call(k_win_l, v_win_l, k, v, lens_before_dev.unsqueeze(1), sink);
+  // The window belongs to the batch's rows, the first B.
+  op<WindowAppendFn>("fluxion::window_append")
+      .call(k_win_l, v_win_l, k, v, lens_before_dev.narrow(0, 0, B).unsqueeze(1), sink);
   plan_s += since(t);
 
   // 3. Dense part over the window, enqueued first so the GPU works while the host prepares retrieval.
   t = Clock::now();
   auto [o_dense, lse_dense] =
-      op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev, sink, scale);
+      op<WindowAttentionFn>("fluxion::window_attention").call(q, k_win_l, v_win_l, lens_dev.narrow(0, 0, B), sink, scale);
   dense_s += since(t);
 
   t = Clock::now();
-  // Retrieval of queue entries [begin, end) on the GPU, reading the page-locked store in place.
+  // Retrieval of queue entries [begin, end) on the GPU, reading the page-locked store in place; part rows
+  // read their batch row's q.
+  const at::Tensor q_rows = rows.parts ? q.repeat({1 + rows.parts, 1, 1}) : q;
   auto retrieve_on_gpu = [&](int64_t begin, int64_t end) {
     return op<RetrievalFn>("fluxion::retrieval_attention")
-        .call(q, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev,
+        .call(q_rows, store->arena_view(), frames_dev, lens_dev, bud_dev, bsz_dev,
               plan_dev.narrow(0, layout.o_groups() + begin, end - begin),
               store->store->layout().page_tokens, sink, local, scale);
   };
@@ -382,13 +476,14 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   view.frame_table = ph + layout.o_frames();
   view.frame_stride = layout.F;
   view.seq_lens = lens_host.data_ptr<int32_t>();
-  // The CPU side's part (heads it does not run keep lse = -inf); on a GPU the merge reads it in place.
-  const at::Tensor part = reuse_buffer(cpu_part_, B * Hq * (D + 1), at::kFloat, on_gpu);
-  const at::Tensor out_cpu = part.narrow(0, 0, B * Hq * D).view({B, Hq, D});
-  const at::Tensor lse_cpu = part.narrow(0, B * Hq * D, B * Hq).view({B, Hq});
-  std::fill_n(out_cpu.data_ptr<float>(), B * Hq * D, 0.f);
-  std::fill_n(lse_cpu.data_ptr<float>(), B * Hq, -std::numeric_limits<float>::infinity());
-  std::vector<int64_t> bytes_cpu(size_t(B * Hkv), 0);
+  // The CPU side's part, one per row (heads it does not run keep lse = -inf); on a GPU the merge reads it in place.
+  const at::Tensor part = reuse_buffer(cpu_part_, R * Hq * (D + 1), at::kFloat, on_gpu);
+  const at::Tensor out_cpu = part.narrow(0, 0, R * Hq * D).view({R, Hq, D});
+  const at::Tensor lse_cpu = part.narrow(0, R * Hq * D, R * Hq).view({R, Hq});
+  std::fill_n(out_cpu.data_ptr<float>(), R * Hq * D, 0.f);
+  std::fill_n(lse_cpu.data_ptr<float>(), R * Hq, -std::numeric_limits<float>::infinity());
+  std::vector<int64_t> bytes_cpu(size_t(R * Hkv), 0);
+  uint64_t cpu_row_blocks = 0;  // row blocks (RetrievalRows::blocks_of) the CPU side wrote
   const core::cpu::RetrievalConfig rcfg{int(sink), int(local), float(scale)};
   const int max_threads = cpu_workers > 0 ? int(cpu_workers) : at::get_num_threads();
   core::CpuBatchFn cpu_fn = [&](int64_t begin, int64_t end) {
@@ -400,17 +495,18 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     const core::cpu::Executor executor{threads, aten_parallel_for()};
     std::vector<core::cpu::GroupTask> batch;
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t g = queue[size_t(i)].group, b = g / Hkv, kvh = g % Hkv;
+      const int64_t g = queue[size_t(i)].group, row = g / Hkv, kvh = g % Hkv, b = rows.base(row);
       core::cpu::GroupTask task;
-      task.b = int(b);
+      task.b = int(row);
       task.kv_head = int(kvh);
-      task.block_size = bsz.data_ptr<int32_t>()[g];
+      task.block_size = rows.block_sizes[size_t(g)];
       task.q = q_float_.data() + (b * Hq + kvh * G) * D;
-      task.budgets = bud.data_ptr<float>() + b * Hq + kvh * G;
-      task.out = out_cpu.data_ptr<float>() + (b * Hq + kvh * G) * D;
-      task.lse = lse_cpu.data_ptr<float>() + b * Hq + kvh * G;
+      task.budgets = rows.budgets.data() + row * Hq + kvh * G;
+      task.out = out_cpu.data_ptr<float>() + (row * Hq + kvh * G) * D;
+      task.lse = lse_cpu.data_ptr<float>() + row * Hq + kvh * G;
       task.bytes_read = bytes_cpu.data() + g;
       batch.push_back(task);
+      cpu_row_blocks |= uint64_t(1) << (row / B);
     }
     core::cpu::PhaseTimes phases;
     core::cpu::run_group_tasks(view, int(G), rcfg, batch.data(), int64_t(batch.size()), executor, &phases);
@@ -418,6 +514,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     cpu_attend_s += phases.attend_s;
   };
   std::vector<at::Tensor> gpu_out, gpu_lse;
+  std::vector<uint64_t> gpu_row_blocks;  // per GPU batch, the row blocks it wrote
   int64_t gpu_bytes_step = 0;
   core::GpuBatchFn gpu_fn;
 #ifdef FLUXION_WITH_CUDA
@@ -425,9 +522,10 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     if (!control) control = std::make_unique<core::ControlThread>();
     gpu_out.resize(size_t(max_gpu_batches) + 1);
     gpu_lse.resize(size_t(max_gpu_batches) + 1);
-    // Bytes each batch read ([B, Hkv] per batch), copied back into page-locked slots and summed on the host.
+    gpu_row_blocks.assign(size_t(max_gpu_batches) + 1, 0);
+    // Bytes each batch read ([R, Hkv] per batch), copied back into page-locked slots and summed on the host.
     int64_t* batch_bytes =
-        reuse_buffer(gpu_batch_bytes_, (max_gpu_batches + 1) * B * Hkv, at::kLong, true).data_ptr<int64_t>();
+        reuse_buffer(gpu_batch_bytes_, (max_gpu_batches + 1) * R * Hkv, at::kLong, true).data_ptr<int64_t>();
     const c10::cuda::CUDAStream main_stream = c10::cuda::getCurrentCUDAStream(device.index());
     gpu_fn = [&, main_stream, batch_bytes](int64_t begin, int64_t end, int batch) -> core::GpuWaitFn {
       c10::cuda::CUDAGuard guard(device);
@@ -436,16 +534,17 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       auto [o, l, nbytes] = retrieve_on_gpu(begin, end);
       gpu_out[size_t(batch)] = o;
       gpu_lse[size_t(batch)] = l;
-      int64_t* slot = batch_bytes + int64_t(batch) * B * Hkv;
-      TORCH_INTERNAL_ASSERT(nbytes.is_contiguous() && nbytes.numel() == B * Hkv);
-      C10_CUDA_CHECK(cudaMemcpyAsync(slot, nbytes.data_ptr<int64_t>(), size_t(B * Hkv) * 8, cudaMemcpyDeviceToHost,
+      gpu_row_blocks[size_t(batch)] = rows.blocks_of(ph + layout.o_groups() + begin, end - begin, Hkv);
+      int64_t* slot = batch_bytes + int64_t(batch) * R * Hkv;
+      TORCH_INTERNAL_ASSERT(nbytes.is_contiguous() && nbytes.numel() == R * Hkv);
+      C10_CUDA_CHECK(cudaMemcpyAsync(slot, nbytes.data_ptr<int64_t>(), size_t(R * Hkv) * 8, cudaMemcpyDeviceToHost,
                                      main_stream.stream()));
       cudaEvent_t done;
       C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
       C10_CUDA_CHECK(cudaEventRecord(done, main_stream.stream()));
       // The wait polls the event, yielding between polls: the control thread has a core of its own (the CPU
       // side uses cpu_workers of them), and a sleep would add its timer slack (~50 us) to every batch.
-      return [done, slot, n = B * Hkv, &gpu_bytes_step] {
+      return [done, slot, n = R * Hkv, &gpu_bytes_step] {
         cudaError_t state;
         while ((state = cudaEventQuery(done)) == cudaErrorNotReady) std::this_thread::yield();
         C10_CUDA_CHECK(cudaEventDestroy(done));
@@ -482,18 +581,20 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   cpu_bytes += cpu_bytes_step;
   gpu_bytes += gpu_bytes_step;
 
-  // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run).
+  // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run). An output of R rows
+  // is one part per block of B rows that a task wrote (part rows land on their batch row).
   t = Clock::now();
   std::vector<at::Tensor> outs{o_dense}, lses{lse_dense};
-  if (qs.cpu_tasks > 0) {  // on a GPU: page-locked, read in place by the merge
-    outs.push_back(out_cpu);
-    lses.push_back(lse_cpu);
-  }
+  auto add_row_blocks = [&](const at::Tensor& o, const at::Tensor& l, uint64_t blocks) {
+    for (int64_t k = 0; k <= rows.parts; ++k)
+      if (blocks >> k & 1) {
+        outs.push_back(o.narrow(0, k * B, B));
+        lses.push_back(l.narrow(0, k * B, B));
+      }
+  };
+  add_row_blocks(out_cpu, lse_cpu, cpu_row_blocks);  // on a GPU: page-locked, read in place by the merge
   for (size_t i = 0; i < gpu_out.size(); ++i)
-    if (gpu_out[i].defined()) {
-      outs.push_back(gpu_out[i]);
-      lses.push_back(gpu_lse[i]);
-    }
+    if (gpu_out[i].defined()) add_row_blocks(gpu_out[i], gpu_lse[i], gpu_row_blocks[i]);
   return merge_parts(outs, lses, t, t_step);
 }
 
@@ -512,6 +613,24 @@ std::vector<core::QueueTask> HybridRuntime::plan_tasks(const std::vector<int32_t
     tasks.push_back({int32_t(g), (r.block_end - r.block_begin) * 2 * D * eb + kv * 2 * bs * D * eb});
   }
   return tasks;
+}
+
+int64_t HybridRuntime::split_parts(const std::vector<core::QueueTask>& tasks, const std::vector<int32_t>& lens_before,
+                                   const float* budgets, bool shared) const {
+  if (dense_parts >= 1) return dense_parts == 1 ? 0 : dense_parts;
+  if (!shared) return 0;
+  // Enough parts for ~kTargetTasks tasks per layer (Llama batch 1 `full`: 8 groups -> 2 parts; Qwen: 4 -> 4), none
+  // shorter than kMinPartTokens (a part pays a task's fixed costs on both sides).
+  constexpr int64_t kTargetTasks = 16, kMaxParts = 4, kMinPartTokens = 8192;
+  const int64_t G = num_q_heads / store->store->config().num_kv_heads;
+  int64_t dense = 0;
+  for (const auto& task : tasks) dense += dense_group(budgets + int64_t(task.group) * G, G) ? 1 : 0;
+  if (dense == 0 || int64_t(tasks.size()) >= kTargetTasks) return 0;
+  const int64_t want = (kTargetTasks - (int64_t(tasks.size()) - dense) + dense - 1) / dense;
+  int64_t longest = 0;
+  for (int32_t n : lens_before) longest = std::max<int64_t>(longest, n + 1 - local - sink);
+  const int64_t parts = std::min({want, kMaxParts, longest / kMinPartTokens});
+  return parts >= 2 ? parts : 0;
 }
 
 at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
@@ -633,7 +752,9 @@ std::tuple<int64_t, int64_t, int64_t> HybridRuntime::graph_begin(const std::vect
   graph_.num_groups.assign(size_t(L), 0);
   for (int64_t l = 0; l < L; ++l) {
     int32_t* ph = graph_.plan_host.data_ptr<int32_t>() + l * layout.words();
-    layout.fill(ph, lens[size_t(l)], bud_p + l * B * Hq, bsz_p + l * B * Hkv, *store->store, l, ids);
+    layout.fill(ph,
+                retrieval_rows(lens[size_t(l)], bud_p + l * B * Hq, bsz_p + l * B * Hkv, Hq, Hkv, sink, local, P, 0),
+                *store->store, l, ids);
     int64_t n = 0;
     for (int64_t g = 0; g < B * Hkv; ++g) {
       const float* gb = bud_p + l * B * Hq + g * G;  // the group's G heads are consecutive in [B, Hq]
@@ -771,6 +892,12 @@ void register_hybrid_runtime(torch::Library& m) {
              self->cpu_workers = cpu_workers;
              self->cpu_retrieval = cpu_retrieval;
              self->min_shared_volume = min_shared_volume;
+           })
+      .def("set_dense_parts",
+           [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t parts) {
+             TORCH_CHECK(parts >= 0 && parts <= 16, "dense_parts must be in [0, 16] (0 = as needed, 1 = never split), got ",
+                         parts);
+             self->dense_parts = parts;
            })
       .def("graph_begin", &HybridRuntime::graph_begin)
       .def("graph_step",

@@ -35,6 +35,10 @@ struct HybridRuntime : torch::CustomClassHolder {
   int64_t min_shared_volume = 48 << 20;
   double cpu_rate = 0, gpu_rate = 0;  // measured retrieval bytes/s of each side (set the queue split)
   bool cpu_retrieval = true;         // false: the GPU takes every task (FluxionConfig.device_policy='gpu')
+  // Token-range parts the dense groups of a step are split into (hybrid_runtime.cpp, RetrievalRows): 0 = as
+  // needed in steps the CPU and GPU share (a layer with few tasks balances badly between the two), 1 = never,
+  // n >= 2 = always n (tests use it to run the split on the CPU).
+  int64_t dense_parts = 0;
   std::unique_ptr<core::ControlThread> control;  // the GPU side's thread, kept across steps
   std::vector<int64_t> seq_ids;          // batch row -> store sequence
   std::vector<at::Tensor> k_win, v_win;  // per layer [B, Hkv, sink + local, D] on `device`
@@ -94,6 +98,9 @@ struct HybridRuntime : torch::CustomClassHolder {
   // largest data volume first.
   std::vector<core::QueueTask> plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
                                           const int32_t* block_sizes) const;
+  // Parts to split the dense groups of a step with these tasks into (0: none); `shared`: both sides pull.
+  int64_t split_parts(const std::vector<core::QueueTask>& tasks, const std::vector<int32_t>& lens_before,
+                      const float* budgets, bool shared) const;
 
   // Buffers of the graph step, kept while the batch, the frame capacity and the plan shape stay the same.
   struct GraphPlan {

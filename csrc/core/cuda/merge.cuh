@@ -26,7 +26,7 @@ cudaError_t merge_attention_states(const MergeStatesParams& p, void* workspace, 
 // The same merge of parts at separate addresses (outs[s] [rows, D], lses[s] [rows]), such as the partial states
 // of one decode step written by different kernels and by the CPU: no stacking copy first. A part may live in
 // page-locked host memory (its device-accessible pointer). lse may be null (not written).
-constexpr int kMaxListedStates = 32;
+constexpr int kMaxListedStates = 64;
 struct MergeListedParams {
   const float* outs[kMaxListedStates] = {};
   const float* lses[kMaxListedStates] = {};
