@@ -25,6 +25,41 @@ from common import build_store, environment, host_read_bandwidth, write_rows  # 
 import fluxion  # noqa: E402
 
 
+def time_phases(a, q, args, budget, bs, ctx, threads, ceiling, task_s, task_bytes) -> dict:
+    """Scoring and top-k of one layer timed alone (median over the layers' rotation), printed against the task."""
+    from fluxion.reference import candidate_blocks, num_budget_blocks
+
+    layers = len(args)
+    kw = [dict(args[i], block_size=bs) for i in range(layers)]
+    scores = [fluxion.score_blocks(q[i], **kw[i]) for i in range(layers)]
+    nb = scores[0].shape[-1]
+    ncand = len(candidate_blocks(ctx, 64, 256, bs))
+    k = torch.full((scores[0].numel() // nb,), num_budget_blocks(budget, ctx, bs, ncand), dtype=torch.int32)
+    flat = [s.reshape(-1, nb) for s in scores]
+    state = {"i": 0}
+
+    def score():
+        i = state["i"] = (state["i"] + 1) % layers
+        fluxion.score_blocks(q[i], **kw[i])
+
+    def topk():
+        i = state["i"] = (state["i"] + 1) % layers
+        fluxion.topk_blocks(flat[i], k, int(k[0]))
+
+    def median(fn):
+        return Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
+            min_run_time=a.min_run_time).median
+
+    score_s, topk_s = median(score), median(topk)
+    meta_bytes = a.batch * a.hkv * ncand * 2 * a.head_dim * 2  # min and max rows, BF16
+    rest_s, rest_bytes = task_s - score_s - topk_s, task_bytes - meta_bytes
+    print(f"{'':>24}phases alone: scoring {score_s * 1e3:.3f} ms ({meta_bytes / score_s / 1e9 / ceiling:.2f} of the "
+          f"ceiling on {meta_bytes / 1e6:.1f} MB of metadata), top-k {topk_s * 1e3:.3f} ms; the rest of the task "
+          f"{rest_s * 1e3:.3f} ms ({rest_bytes / max(rest_s, 1e-9) / 1e9 / ceiling:.2f} of the ceiling on "
+          f"{rest_bytes / 1e6:.1f} MB of K/V)")
+    return {"score_s": score_s, "topk_s": topk_s, "metadata_bytes": meta_bytes}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -40,6 +75,10 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="8K context, block 16, budget 0.05, threads 1 and all")
     p.add_argument("--pin", action="store_true", help="page-lock the store (as on a GPU machine)")
     p.add_argument("--page-tokens", type=int, default=1024, help="tokens per host page")
+    p.add_argument("--phases", action="store_true",
+                   help="also time the task's first two phases alone through the separate ops: scoring every block "
+                        "of the layer (score_blocks; its bytes are the metadata) and top-k of every head "
+                        "(topk_blocks); the rest of the task's time is the union and the attention")
     p.add_argument("--out", default=None, help="JSON file for the rows")
     a = p.parse_args(argv)
     ncpu = os.cpu_count() or 1
@@ -85,7 +124,10 @@ def main(argv=None) -> int:
                     ratio = gbs / ceilings[t]
                     print(f"{ctx:>7} {budget:>6.2f} {bs:>4} {t:>4} {med * 1e3:>10.3f} {mean_bytes / 1e6:>10.1f} "
                           f"{gbs:>7.1f} {ceilings[t]:>7.1f} {ratio:>6.2f}")
-                    rows.append({"context": ctx, "budget": budget, "block_size": bs, "threads": t, "median_s": med,
+                    row = {}
+                    if a.phases:
+                        row = time_phases(a, q, args, budget, bs, ctx, t, ceilings[t], med, mean_bytes)
+                    rows.append({**row, "context": ctx, "budget": budget, "block_size": bs, "threads": t, "median_s": med,
                                  "bytes_touched": mean_bytes, "gbps": gbs, "ceiling_gbps": ceilings[t], "ratio": ratio,
                                  "torch_sum_gbps": reads[t]["torch_sum"], "simd_loop_gbps": reads[t]["simd_loop"],
                                  "batch": a.batch, "hq": a.hq, "hkv": a.hkv, "head_dim": a.head_dim, "pinned": a.pin, "page_tokens": a.page_tokens})
