@@ -560,7 +560,8 @@ class HybridAttentionRuntime:
         each device); per_step: the same per decode step; store: the host store's memory accounting.
         With decode_backend='cpp' (the default) retrieval_cpu_s / retrieval_gpu_s give way to the C++ step's
         retrieval_s (host time of the retrieval phase), cpu_busy_s (the CPU side's batches, wall time; split
-        into cpu_select_s = scoring + top-k + union and cpu_attend_s = attention + merge), gpu_busy_s
+        into cpu_select_s = scoring + top-k + union, of which cpu_score_s and cpu_topk_s are the first two, and
+        cpu_attend_s = attention + merge), gpu_busy_s
         (GPU batches of shared steps from launch to completion), step_s, model_wait_s (the part of step_s and append_s
         a shared step spent waiting for its q, i.e. for the model's own GPU work before the layer's attention),
         plan_s (planning each layer step, uploading its plan, launching the window append),
@@ -581,7 +582,8 @@ class HybridAttentionRuntime:
             c = dict(self._cpp.stats())
             total.update(append_s=total.get("append_s", 0.0) + c["append_s"], dense_s=c["dense_s"],
                          retrieval_s=c["retrieval_s"], cpu_busy_s=c["cpu_busy_s"], gpu_busy_s=c["gpu_busy_s"],
-                         cpu_select_s=c["cpu_select_s"], cpu_attend_s=c["cpu_attend_s"],
+                         cpu_select_s=c["cpu_select_s"], cpu_score_s=c["cpu_score_s"], cpu_topk_s=c["cpu_topk_s"],
+                         cpu_attend_s=c["cpu_attend_s"],
                          merge_s=c["merge_s"], step_s=c["step_s"], model_wait_s=c["model_wait_s"],
                          plan_s=c["plan_s"], bytes_cpu=int(c["cpu_bytes"]),
                          bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]),

@@ -198,6 +198,7 @@ def test_fixed_mode_budget_one_close_and_small_budget_differs():
     # The CPU side's phases are inside its busy time.
     assert st["cpu_select_s"] > 0 and st["cpu_attend_s"] > 0
     assert st["cpu_select_s"] + st["cpu_attend_s"] <= st["cpu_busy_s"]
+    assert 0 < st["cpu_score_s"] and 0 < st["cpu_topk_s"] and st["cpu_score_s"] + st["cpu_topk_s"] <= st["cpu_select_s"]
 
 
 def test_enable_disable_restores_hf():

@@ -3,7 +3,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "core/cpu/retrieval.h"
@@ -53,14 +55,29 @@ at::Tensor score_blocks_cpu(const at::Tensor& q, const at::Tensor& pages, const 
   const int64_t nb = frame_table.size(1) * page_tokens / block_size;
   at::Tensor scores = at::full({B, Hq, nb}, kNegInf, q.options().dtype(at::kFloat));
   const at::Tensor qf = q.to(at::kFloat).contiguous();
-  at::parallel_for(0, B * hkv, 1, [&](int64_t begin, int64_t end) {
-    core::cpu::QueryScratch qscratch;
-    for (int64_t g = begin; g < end; ++g) {
+  // Work items are chunks of a group's candidate blocks (a multiple of 64 blocks, so a page's table is never
+  // split), so that a few groups still keep every thread busy; each group's query is prepared once.
+  constexpr int64_t kChunk = 512;
+  std::vector<core::cpu::QueryScratch> scratch(size_t(B * hkv));
+  std::vector<core::cpu::PreparedQuery> queries(size_t(B * hkv));
+  std::vector<core::RetrievalRange> ranges(size_t(B * hkv));
+  std::vector<std::pair<int64_t, int64_t>> items;  // (group, first block)
+  for (int64_t g = 0; g < B * hkv; ++g) {
+    const int64_t b = g / hkv, kvh = g % hkv;
+    ranges[size_t(g)] = core::retrieval_range(view.seq_lens[b], sink, local, block_size);
+    queries[size_t(g)] = scratch[size_t(g)].prepare(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), 1.f);
+    for (int64_t j = ranges[size_t(g)].block_begin; j < ranges[size_t(g)].block_end; j = j / kChunk * kChunk + kChunk)
+      items.emplace_back(g, j);
+  }
+  const int readers = int(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(int64_t(items.size()), 1)));
+  at::parallel_for(0, int64_t(items.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [g, j] = items[size_t(i)];
       const int64_t b = g / hkv, kvh = g % hkv;
-      const auto r = core::retrieval_range(view.seq_lens[b], sink, local, block_size);
-      if (r.block_end == r.block_begin) continue;
-      const auto pq = qscratch.prepare(qf.data_ptr<float>() + (b * Hq + kvh * G) * D, int(G), int(D), 1.f);
-      core::cpu::score_blocks(view, int(b), int(kvh), int(G), int(block_size), pq, r.block_begin, r.block_end, scores.data_ptr<float>() + (b * Hq + kvh * G) * nb + r.block_begin, nb);
+      const auto& r = ranges[size_t(g)];
+      core::cpu::score_blocks(view, int(b), int(kvh), int(G), int(block_size), queries[size_t(g)], j,
+                              std::min(j / kChunk * kChunk + kChunk, r.block_end),
+                              scores.data_ptr<float>() + (b * Hq + kvh * G) * nb + j, nb, r.block_end, readers);
     }
   });
   return scores;

@@ -511,6 +511,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     core::cpu::PhaseTimes phases;
     core::cpu::run_group_tasks(view, int(G), rcfg, batch.data(), int64_t(batch.size()), executor, &phases);
     cpu_select_s += phases.select_s;
+    cpu_score_s += phases.score_s;
+    cpu_topk_s += phases.topk_s;
     cpu_attend_s += phases.attend_s;
   };
   std::vector<at::Tensor> gpu_out, gpu_lse;
@@ -847,6 +849,8 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
   d.insert("cpu_busy_s", cpu_busy_s);
   d.insert("gpu_busy_s", gpu_busy_s);
   d.insert("cpu_select_s", cpu_select_s);
+  d.insert("cpu_score_s", cpu_score_s);
+  d.insert("cpu_topk_s", cpu_topk_s);
   d.insert("cpu_attend_s", cpu_attend_s);
   d.insert("merge_s", merge_s);
   d.insert("step_s", step_s);
@@ -868,7 +872,7 @@ void HybridRuntime::reset_stats() {
   gpu_bytes_pending = at::Tensor();
   graph_steps_ = 0;
   if (graph_bytes_.defined()) graph_bytes_.zero_();
-  model_wait_s = plan_s = append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
+  model_wait_s = plan_s = append_s = dense_s = retrieval_s = shared_retrieval_s = cpu_select_s = cpu_score_s = cpu_topk_s = cpu_attend_s = cpu_busy_s = gpu_busy_s = merge_s = step_s = 0;
 }
 
 // Called from store_class.cpp's registration, after HostKVStore's: the class takes a HostKVStore, so its

@@ -47,6 +47,7 @@ struct HybridRuntime : torch::CustomClassHolder {
   int64_t steps = 0, cpu_tasks = 0, gpu_tasks = 0, cpu_bytes = 0, gpu_bytes = 0, gpu_alone_steps = 0;
   at::Tensor gpu_bytes_pending;  // bytes read by GPU-alone steps, summed on the device (read by stats())
   double cpu_select_s = 0, cpu_attend_s = 0;  // the CPU side's phases: score + top-k + union, attention + merge
+  double cpu_score_s = 0, cpu_topk_s = 0;     // of cpu_select_s: the scoring and top-k phases
   // model_wait_s: a shared step's wait for q, i.e. for the model's GPU work before this layer's attention (part
   // of append_s and step_s; not attention).
   double model_wait_s = 0;

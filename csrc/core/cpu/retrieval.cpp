@@ -307,6 +307,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   for (int64_t t = 0; t < n; ++t) queries[size_t(t)] = qscratch[size_t(t)].prepare(tasks[t].q, G, D, cfg.scale);
 
   // 1. Scores, in chunks of candidate blocks.
+  const auto t_score = Clock::now();
   const int score_readers = readers(ex, int64_t(score_items.size()));
   for_each_dynamic(ex, int64_t(score_items.size()), [&](int64_t i, int) {
     const auto [t, c] = score_items[size_t(i)];
@@ -316,6 +317,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
                  &scores[size_t(p.score_off + c)], p.ncand, p.range.block_end, score_readers);
   });
+
+  const auto t_scored = Clock::now();
 
   // 2. Top-k per (task, head).
   std::vector<std::vector<uint32_t>> tmp(size_t(std::max(ex.num_threads, 1)));
@@ -333,6 +336,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     }
     p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)], tmp[w]);
   });
+
+  const auto t_topk = Clock::now();
 
   // 3. Union of the heads' selections per task, with a head mask per block; split into work items.
   for_each_dynamic(ex, n, [&](int64_t t, int) {
@@ -402,6 +407,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   });
   if (times) {
     times->select_s += std::chrono::duration<double>(t_selected - t_start).count();
+    times->score_s += std::chrono::duration<double>(t_scored - t_score).count();
+    times->topk_s += std::chrono::duration<double>(t_topk - t_scored).count();
     times->attend_s += std::chrono::duration<double>(Clock::now() - t_selected).count();
   }
 }
