@@ -63,6 +63,24 @@ const uint16_t* block_run(const LayerView& view, int b, int kv_head, int64_t blo
   return pages + view.page_offset(b, kv_head, t0) + view.layout.block_offset(t0 % view.layout.page_tokens);
 }
 
+// run_group_tasks' buffers, reused across its calls on one thread.
+struct CallScratch {
+  std::vector<QueryScratch> query;  // per task
+  std::vector<float> scores, part_out, part_lse;
+  std::vector<int32_t> sel;
+  struct Worker {
+    std::vector<uint32_t> topk;
+    std::vector<uint64_t> mark;
+    std::vector<float> state;
+  };
+  std::vector<Worker> per_worker;
+};
+
+template <class T>
+void grow(std::vector<T>& v, int64_t n) {
+  if (int64_t(v.size()) < n) v.resize(size_t(n));
+}
+
 }  // namespace
 
 void for_each_dynamic(const Executor& ex, int64_t n, const std::function<void(int64_t, int)>& fn) {
@@ -300,11 +318,18 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     for (int64_t c = 0; plans[t].scored && c < plans[t].ncand; c = (begin + c) / score_chunk * score_chunk + score_chunk - begin)
       score_items.emplace_back(t, c);
   }
-  std::vector<QueryScratch> qscratch(static_cast<size_t>(n));
+  // Buffers of the calling thread, kept across calls (a decode step calls this once per layer or queue pull):
+  // they only grow, so a step allocates and faults in nothing once the first layer has run.
+  thread_local CallScratch scratch;
+  CallScratch& cs = scratch;
+  if (cs.query.size() < size_t(n)) cs.query.resize(size_t(n));
+  grow(cs.scores, score_total);
+  grow(cs.sel, sel_total);
+  float* scores = cs.scores.data();
+  int32_t* sel = cs.sel.data();
   std::vector<PreparedQuery> queries(static_cast<size_t>(n));
-  std::vector<float> scores(static_cast<size_t>(score_total));
-  std::vector<int32_t> sel(static_cast<size_t>(sel_total));
-  for (int64_t t = 0; t < n; ++t) queries[size_t(t)] = qscratch[size_t(t)].prepare(tasks[t].q, G, D, cfg.scale);
+  // A few microseconds per task (the AMX tiles): worth spreading over the threads when a layer has many tasks.
+  for_each_dynamic(ex, n, [&](int64_t t, int) { queries[size_t(t)] = cs.query[size_t(t)].prepare(tasks[t].q, G, D, cfg.scale); });
 
   // 1. Scores, in chunks of candidate blocks.
   const auto t_score = Clock::now();
@@ -321,7 +346,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   const auto t_scored = Clock::now();
 
   // 2. Top-k per (task, head).
-  std::vector<std::vector<uint32_t>> tmp(size_t(std::max(ex.num_threads, 1)));
+  const size_t workers = size_t(std::max(ex.num_threads, 1));
+  if (cs.per_worker.size() < workers) cs.per_worker.resize(workers);
   for_each_dynamic(ex, n * G, [&](int64_t i, int w) {
     const int64_t t = i / G;
     const int h = int(i % G);
@@ -334,26 +360,32 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
       p.sel_count[h] = p.k[h];
       return;
     }
-    p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)], tmp[w]);
+    p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)], cs.per_worker[size_t(w)].topk);
   });
 
   const auto t_topk = Clock::now();
 
   // 3. Union of the heads' selections per task, with a head mask per block; split into work items.
-  for_each_dynamic(ex, n, [&](int64_t t, int) {
+  for_each_dynamic(ex, n, [&](int64_t t, int w) {
     Plan& p = plans[t];
-    std::vector<uint64_t> mark(static_cast<size_t>(p.ncand), 0);
+    std::vector<uint64_t>& mark = cs.per_worker[size_t(w)].mark;
+    mark.assign(size_t(p.ncand), 0);
     int64_t off = p.sel_off;
     for (int h = 0; h < G; ++h) {
       for (int64_t i = 0; i < p.sel_count[h]; ++i) mark[size_t(sel[size_t(off + i)])] |= uint64_t(1) << h;
       off += p.k[h];
     }
+    // Branchless compaction: about a fifth of the candidates are chosen, at random, so a branch would miss.
+    p.blocks.resize(size_t(p.ncand));
+    p.masks.resize(size_t(p.ncand));
+    int64_t c = 0;
     for (int64_t j = 0; j < p.ncand; ++j) {
-      if (mark[size_t(j)]) {
-        p.blocks.push_back(int32_t(p.range.block_begin + j));
-        p.masks.push_back(mark[size_t(j)]);
-      }
+      p.blocks[size_t(c)] = int32_t(p.range.block_begin + j);
+      p.masks[size_t(c)] = mark[size_t(j)];
+      c += mark[size_t(j)] != 0;
     }
+    p.blocks.resize(size_t(c));
+    p.masks.resize(size_t(c));
   });
   std::vector<std::pair<int64_t, int64_t>> items;  // (task, first union index)
   int64_t union_bytes = 0;
@@ -375,14 +407,18 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
 
   // 4. Attention over chunks of the union: partial states (out, lse) per item.
   const int attend_readers = readers(ex, int64_t(items.size()));
-  std::vector<float> part_out(size_t(items.size()) * GD), part_lse(size_t(items.size()) * G);
-  std::vector<std::vector<float>> state(size_t(std::max(ex.num_threads, 1)), std::vector<float>(size_t(GD + 2 * G)));
+  grow(cs.part_out, int64_t(items.size()) * GD);
+  grow(cs.part_lse, int64_t(items.size()) * G);
+  float* part_out = cs.part_out.data();
+  float* part_lse = cs.part_lse.data();
   for_each_dynamic(ex, int64_t(items.size()), [&](int64_t i, int w) {
     const auto [t, first] = items[size_t(i)];
     const Plan& p = plans[t];
     const GroupTask& task = tasks[t];
     const int64_t count = std::min<int64_t>(p.per_item, int64_t(p.blocks.size()) - first);
-    float* s = state[size_t(w)].data();
+    std::vector<float>& state = cs.per_worker[size_t(w)].state;
+    grow(state, GD + 2 * G);
+    float* s = state.data();
     OnlineSoftmax st{s, s + G, s + 2 * G};
     init_state(st, G, D);
     attend_blocks(view, task.b, task.kv_head, G, task.block_size, queries[size_t(t)], &p.blocks[size_t(first)],
