@@ -13,7 +13,9 @@
 // picks --budget of the units at random, and the union is read in ascending order, each unit for the heads that
 // picked it), --heads H (heads of the 4-head group that read each unit (seq, random) or select (select), 1-4),
 // --budget F (select: default 0.05), --mib M (buffer, default 4096), --item U (units per kernel call, default
-// 16), --reps R (median of R, default 5).
+// 16), --reps R (median of R, default 5). --order select-shuffled reads select's units in random order;
+// --deal hands the items out round-robin (item i to thread i % N, as the task's dynamic loop roughly does)
+// instead of one contiguous slice of the reading order per thread.
 #include <sys/mman.h>
 
 #include <algorithm>
@@ -58,6 +60,7 @@ int main(int argc, char** argv) {
   double budget = 0.05;
   int heads = 4, item = 16, reps = 5;
   int64_t mib = 4096;
+  bool deal = false;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto value = [&] {
@@ -69,10 +72,12 @@ int main(int argc, char** argv) {
     };
     if (a == "--threads") {
       while (i + 1 < argc && argv[i + 1][0] != '-') thread_counts.push_back(std::atoi(argv[++i]));
+    } else if (a == "--deal") {
+      deal = true;
     } else if (a == "--order") {
       order_name = value();
-      if (order_name != "seq" && order_name != "random" && order_name != "select") {
-        std::fprintf(stderr, "--order must be seq, random or select, got %s\n", order_name.c_str());
+      if (order_name != "seq" && order_name != "random" && order_name != "select" && order_name != "select-shuffled") {
+        std::fprintf(stderr, "--order must be seq, random, select or select-shuffled, got %s\n", order_name.c_str());
         return 2;
       }
     } else if (a == "--budget") {
@@ -110,7 +115,7 @@ int main(int argc, char** argv) {
   // The units read, in reading order, and the heads that read each.
   std::vector<int64_t> order;
   std::vector<uint64_t> masks;
-  if (order_name == "select") {
+  if (order_name.rfind("select", 0) == 0) {
     constexpr int64_t kRegion = 8192;
     std::mt19937_64 pick(2);
     for (int64_t r0 = 0; r0 < units; r0 += kRegion) {
@@ -127,6 +132,15 @@ int main(int argc, char** argv) {
       for (int64_t i = 0; i < n; ++i)
         if (chosen[size_t(i)]) order.push_back(r0 + i), masks.push_back(chosen[size_t(i)]);
     }
+    if (order_name == "select-shuffled") {
+      std::vector<size_t> perm(order.size());
+      std::iota(perm.begin(), perm.end(), size_t(0));
+      std::shuffle(perm.begin(), perm.end(), std::mt19937_64(3));
+      std::vector<int64_t> o(order.size());
+      std::vector<uint64_t> m(order.size());
+      for (size_t i = 0; i < perm.size(); ++i) o[i] = order[perm[i]], m[i] = masks[perm[i]];
+      order.swap(o), masks.swap(m);
+    }
   } else {
     order.resize(static_cast<size_t>(units));
     std::iota(order.begin(), order.end(), 0);
@@ -136,9 +150,10 @@ int main(int argc, char** argv) {
   const int64_t reads = int64_t(order.size()), read_bytes = reads * kUnitElems * 2;
 
   std::printf("# attend_runs on %s | %s units of 8 KiB (%lld of %lld read), %d of %d heads, %d units per call, "
-              "%lld MiB, median of %d\n",
+              "%lld MiB, median of %d%s\n",
               cpu::isa_name(cpu::active_isa()), order_name.c_str(), static_cast<long long>(reads),
-              static_cast<long long>(units), heads, G, item, static_cast<long long>(mib), reps);
+              static_cast<long long>(units), heads, G, item, static_cast<long long>(mib), reps,
+              deal ? ", items dealt round-robin" : "");
   for (const int threads : thread_counts) {
     std::vector<double> t_stream;
     for (int r = 0; r < reps; ++r)
@@ -157,8 +172,11 @@ int main(int argc, char** argv) {
           std::vector<float> state(size_t(G * D + 2 * G));
           const cpu::OnlineSoftmax st{state.data(), state.data() + G, state.data() + 2 * G};
           std::vector<cpu::RowRun> runs(size_t(item + ahead));
-          const int64_t b = reads * w / threads, e = reads * (w + 1) / threads;
-          for (int64_t u = b; u < e; u += item) {
+          // One contiguous slice per thread, or (--deal) every threads-th item from the thread's first.
+          const int64_t b = deal ? int64_t(w) * item : reads * w / threads;
+          const int64_t e = deal ? reads : reads * (w + 1) / threads;
+          const int64_t step = deal ? int64_t(threads) * item : item;
+          for (int64_t u = b; u < e; u += step) {
             const int64_t n = std::min<int64_t>(item, e - u), listed = std::min<int64_t>(n + ahead, e - u);
             for (int64_t i = 0; i < listed; ++i) {  // runs past n are listed only to be prefetched
               const uint16_t* k = buf + order[size_t(u + i)] * kUnitElems;
