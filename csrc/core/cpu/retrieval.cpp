@@ -20,13 +20,26 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int64_t kScoreChunkBlocks = 512;      // metadata rows per scoring work item (at most)
-constexpr int64_t kAttendChunkBytes = 128 << 10;  // K/V bytes per attention work item (at most)
 
 // Size of a phase's work items: large enough to amortise per-item costs, small enough that a small batch (the
 // CPU's share of a layer step near the end of the queue is often one or two tasks) still gives every thread
 // a few items to balance with.
 int64_t item_size(int64_t total, int threads, int64_t lo, int64_t hi) {
   return std::clamp<int64_t>(total / (4 * int64_t(std::max(threads, 1))), lo, hi);
+}
+
+// K/V bytes per attention work item. Each item is one kernel call with its own partial state, and a call
+// costs ~1.5 us beyond its reads (the AMX pipeline and the tile configuration start afresh, the state is
+// set up, written out and merged): with 128 KiB items that was ~8% of a lone thread's attention time. So
+// items are as large as balance allows, about 16 per thread, between 32 KiB and 2 MiB
+// (FLUXION_ATTEND_ITEM_BYTES fixes the size, for tuning).
+int64_t attend_item_bytes(int64_t total, int threads) {
+  static const int64_t forced = [] {
+    const char* env = std::getenv("FLUXION_ATTEND_ITEM_BYTES");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(0);  // unset, empty or 0: the rule below
+  }();
+  if (forced > 0) return forced;
+  return std::clamp<int64_t>(total / (16 * int64_t(std::max(threads, 1))), int64_t(32) << 10, int64_t(2) << 20);
 }
 
 // How far ahead the kernels prefetch, in bytes of the runs they read next, when `threads` threads read at once
@@ -390,7 +403,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   std::vector<std::pair<int64_t, int64_t>> items;  // (task, first union index)
   int64_t union_bytes = 0;
   for (int64_t t = 0; t < n; ++t) union_bytes += int64_t(plans[t].blocks.size()) * 2 * tasks[t].block_size * D * eb;
-  const int64_t attend_chunk = item_size(union_bytes, ex.num_threads, 32 << 10, kAttendChunkBytes);
+  const int64_t attend_chunk = attend_item_bytes(union_bytes, ex.num_threads);
   for (int64_t t = 0; t < n; ++t) {
     Plan& p = plans[t];
     p.per_item = std::max<int64_t>(1, attend_chunk / (2 * tasks[t].block_size * D * eb));
