@@ -296,6 +296,49 @@ TEST_CASE("retrieval task: full budget equals attention over the retrieval regio
   }
 }
 
+TEST_CASE("retrieval task: a call's result does not depend on the calls before it on the thread", "[kernels]") {
+  // The task keeps its buffers (scores, selections, partial states, top-k scratch) per thread across calls;
+  // a smaller call in between must leave nothing that changes a later larger one.
+  Fixture f(3000);
+  const int G = Fixture::G, D = Fixture::D;
+  const float scale = 1.f / std::sqrt(float(D));
+  const core::cpu::RetrievalConfig cfg{64, 256, scale};
+  const auto q0 = random_q(G, D, 61), q1 = random_q(G, D, 62);
+  const std::vector<float> sparse = {0.3f, 0.1f, 0.f, 0.5f}, full = {1.f, 1.f, 1.f, 1.f};
+  auto run = [&](const std::vector<std::pair<const std::vector<float>*, int>>& spec, const std::vector<float>& budgets,
+                 int block_size) {
+    // spec: (q, kv head) per task; returns out | lse of every task
+    const int64_t n = int64_t(spec.size());
+    std::vector<float> res(static_cast<size_t>(n * G * (D + 1)));
+    std::vector<core::cpu::GroupTask> tasks(static_cast<size_t>(n));
+    for (int64_t t = 0; t < n; ++t) {
+      auto& task = tasks[size_t(t)];
+      task.kv_head = spec[size_t(t)].second;
+      task.block_size = block_size;
+      task.q = spec[size_t(t)].first->data();
+      task.budgets = budgets.data();
+      task.out = &res[size_t(t * G * D)];
+      task.lse = &res[size_t(n * G * D + t * G)];
+    }
+    core::cpu::run_group_tasks(f.view, G, cfg, tasks.data(), n, core::cpu::Executor{});
+    return res;
+  };
+  const std::vector<std::pair<const std::vector<float>*, int>> large = {{&q0, 0}, {&q1, 1}}, small = {{&q1, 0}};
+  const auto first = run(large, sparse, 16);
+  const auto between = run(small, full, 64);
+  const auto again = run(large, sparse, 16);
+  REQUIRE(first == again);  // bit for bit
+  // The small full-budget call in between is exact attention over the retrieval region [64, 2744).
+  for (int h = 0; h < G; ++h) {
+    std::vector<double> want;
+    double want_lse;
+    const std::vector<float> qh(q1.begin() + h * D, q1.begin() + (h + 1) * D);
+    test::naive_attention(qh, f.k.data(), f.v.data(), D, 64, 2744, scale, want, want_lse);
+    REQUIRE(between[size_t(G * D + h)] == Approx(want_lse).margin(1e-4));
+    for (int d = 0; d < D; ++d) REQUIRE(between[size_t(h * D + d)] == Approx(want[size_t(d)]).margin(1e-4));
+  }
+}
+
 TEST_CASE("attend_runs over a list of runs equals naive attention on every SIMD level", "[kernels]") {
   // One call folds a list of runs with partial units, empty runs and runs of 0, 1, 2 or all heads: the AVX-512
   // kernel's per-call state (accumulators kept [even | odd], AMX scores issued a unit ahead across runs) must
