@@ -50,6 +50,18 @@ def test_score_blocks_matches_reference(dtype, d, bs, simd):
             torch.testing.assert_close(scores[b, kvh * 4:(kvh + 1) * 4], ref, atol=1e-3, rtol=1e-5)
 
 
+def test_score_blocks_in_chunks_across_pages_matches_reference():
+    # The op scores in chunks of 512 blocks spread over the threads: 9000 tokens at block 16 are 2 chunks per group,
+    # the first one starting at the sink's block and the second inside a page.
+    lens = [9000, 8500]
+    store, seqs, q, k, _ = build(2, 8, 2, lens, 128, torch.bfloat16, seed=5)
+    scores = fluxion.score_blocks(q, **store.layer_args(0, seqs), block_size=16)
+    for b, n in enumerate(lens):
+        for kvh in range(2):
+            ref = R.quest_scores(q[b, kvh * 4:(kvh + 1) * 4], k[b, kvh], n, 16, SINK, LOCAL, num_blocks=scores.shape[-1])
+            torch.testing.assert_close(scores[b, kvh * 4:(kvh + 1) * 4], ref, atol=1e-3, rtol=1e-5)
+
+
 def test_topk_exact_with_ties_and_padding():
     scores = torch.tensor([[1.0, 5.0, 5.0, float("-inf"), 3.0, 5.0, 0.5],
                            [float("-inf")] * 7,
