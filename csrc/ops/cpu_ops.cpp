@@ -55,8 +55,9 @@ at::Tensor score_blocks_cpu(const at::Tensor& q, const at::Tensor& pages, const 
   const int64_t nb = frame_table.size(1) * page_tokens / block_size;
   at::Tensor scores = at::full({B, Hq, nb}, kNegInf, q.options().dtype(at::kFloat));
   const at::Tensor qf = q.to(at::kFloat).contiguous();
-  // Work items are chunks of a group's candidate blocks (a multiple of 64 blocks, so a page's table is never
-  // split), so that a few groups still keep every thread busy; each group's query is prepared once.
+  // Work items are chunks of a group's candidate blocks, so that a few groups still keep every thread busy
+  // (512 is a multiple of a page's blocks up to 512 per page: a page's table is then never split between two
+  // items); each group's query is prepared once.
   constexpr int64_t kChunk = 512;
   std::vector<core::cpu::QueryScratch> scratch(size_t(B * hkv));
   std::vector<core::cpu::PreparedQuery> queries(size_t(B * hkv));

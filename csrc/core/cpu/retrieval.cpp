@@ -29,9 +29,9 @@ int64_t item_size(int64_t total, int threads, int64_t lo, int64_t hi) {
 }
 
 // K/V bytes per attention work item. Each item is one kernel call with its own partial state, and a call
-// costs ~1.5 us beyond its reads (the AMX pipeline and the tile configuration start afresh, the state is
-// set up, written out and merged): with 128 KiB items that was ~8% of a lone thread's attention time. So
-// items are as large as balance allows, about 16 per thread, between 32 KiB and 2 MiB
+// costs ~0.5 us beyond its reads (the AMX pipeline and the tile configuration start afresh, the state is set
+// up, written out and merged; dev VM, one thread: 1-block items 19.3 ms per 128K layer, 128 KiB items 13.4).
+// So items are as large as balance allows, about 16 per thread, between 32 KiB and 2 MiB
 // (FLUXION_ATTEND_ITEM_BYTES fixes the size, for tuning).
 int64_t attend_item_bytes(int64_t total, int threads) {
   static const int64_t forced = [] {
@@ -333,6 +333,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   }
   // Buffers of the calling thread, kept across calls (a decode step calls this once per layer or queue pull):
   // they only grow, so a step allocates and faults in nothing once the first layer has run.
+  // The workers must use the caller's buffers: a lambda names a thread_local as its own thread's copy, so they
+  // reach this thread's through a local reference, which the lambdas capture.
   thread_local CallScratch scratch;
   CallScratch& cs = scratch;
   if (cs.query.size() < size_t(n)) cs.query.resize(size_t(n));
