@@ -32,7 +32,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import combined_read_bandwidth, environment, h2d_bandwidth, host_read_bandwidth, write_rows  # noqa: E402
+from common import (combined_read_bandwidth, environment, h2d_bandwidth, host_read_bandwidth,  # noqa: E402
+                    huge_page_share, write_rows)
 
 import fluxion  # noqa: E402
 
@@ -122,6 +123,9 @@ def run_fluxion(model, mode, ids, a, shared: dict):
         cache = fluxion.new_cache(model)
         nxt, prefill_s, peak = prefill(model, ids, cache, a)
         shared.update(cache=cache, nxt=nxt, prefill_s=prefill_s, peak=peak)
+        share = huge_page_share(cache.runtime.store.pages())
+        if share is not None:
+            print(f"# host store after prefill: {share:.0%} of its resident memory on huge pages", flush=True)
     cache = shared["cache"]
     cache.runtime.reconfigure(cfg)
     rt = cache.runtime

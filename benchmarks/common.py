@@ -59,6 +59,65 @@ def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int = 1, pin: bo
     return store, seqs
 
 
+def llc_bytes() -> int:
+    """Size of the largest CPU cache (the last level) in bytes, from sysfs; 64 MiB when it cannot be read."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    for entry in (os.listdir(base) if os.path.isdir(base) else []):
+        try:
+            text = open(os.path.join(base, entry, "size")).read().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        best = max(best, int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return best or 64 << 20
+
+
+class ColdCache:
+    """Times calls that start with none of their data in the CPU caches, as in a real decode step, where the
+    model's whole KV (gigabytes) passes between two uses of a layer. Before each timed call a buffer of twice the
+    last-level cache is read on every thread, which evicts what the previous calls left there. (A rotation over a
+    few layers is not enough: this host's L3 of 300 MiB holds several 128K layers' metadata and selected blocks.)"""
+
+    def __init__(self):
+        self.buf = torch.ones(2 * llc_bytes() // 4, dtype=torch.float32)
+        self.threads = os.cpu_count() or 1
+
+    def median(self, fn, threads: int, min_run_time: float, min_reps: int = 15, max_reps: int = 400) -> float:
+        times: list[float] = []
+        while len(times) < min_reps or (sum(times) < min_run_time and len(times) < max_reps):
+            torch.set_num_threads(self.threads)
+            self.buf.sum()
+            torch.set_num_threads(threads)
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        times.sort()
+        return times[len(times) // 2]
+
+
+def huge_page_share(tensor: torch.Tensor) -> float | None:
+    """Fraction of the memory under `tensor` (e.g. the store's arena) that the kernel maps with transparent huge
+    pages, from /proc/self/smaps; None where that file is missing. Scattered 4 KiB block reads miss the TLB on
+    every block without them."""
+    try:
+        lines = open("/proc/self/smaps").read().splitlines()
+    except OSError:
+        return None
+    lo, hi = tensor.data_ptr(), tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    rss = huge = 0
+    inside = False
+    for line in lines:
+        head = line.split(" ", 1)[0]
+        if "-" in head and not head.endswith(":"):
+            a, b = (int(x, 16) for x in head.split("-"))
+            inside = a < hi and b > lo
+        elif inside and head in ("Rss:", "AnonHugePages:"):
+            kb = int(line.split()[1])
+            rss, huge = (rss + kb, huge) if head == "Rss:" else (rss, huge + kb)
+    return huge / rss if rss else None
+
+
 def host_read_bandwidth(threads: int, gib: float = 2.0, min_run_time: float = 0.5) -> dict:
     """Streaming-read ceiling in GB/s on `threads` threads of ATen's pool (the pool the CPU kernels use), over
     a buffer far larger than the last-level cache, measured two ways: a float32 ``torch.sum`` and Fluxion's
