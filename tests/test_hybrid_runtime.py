@@ -86,7 +86,8 @@ def test_bad_input_is_rejected():
         rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16),
                   torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16), torch.ones(1, 8),
                   torch.full((1, 2), 16, dtype=torch.int32), False, 0.125)
-    rt.set_sequences([store.add_sequence()])
+    rt_seq = store.add_sequence()
+    rt.set_sequences([rt_seq])
     z = torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match=r"budgets must be in \[0, 1\]"):
         rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), z, z, torch.full((1, 8), 2.0),
@@ -94,6 +95,15 @@ def test_bad_input_is_rejected():
     with pytest.raises(RuntimeError, match="block_size must be one of"):
         rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), z, z, torch.ones(1, 8),
                   torch.full((1, 2), 8, dtype=torch.int32), False, 0.125)
+    # K/V of the wrong shape or dtype: rejected before anything is staged or stored.
+    q8, ones, sizes = torch.zeros(1, 8, 64, dtype=torch.bfloat16), torch.ones(1, 8), torch.full((1, 2), 16, dtype=torch.int32)
+    for bad_k, bad_v, message in [(torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16), z, r"k must be \[B, Hkv, 1, D\]"),
+                                  (torch.zeros(1, 2, 1, 32, dtype=torch.bfloat16), z, r"k must be \[B, Hkv, 1, D\]"),
+                                  (z, torch.zeros(1, 2, 1, 32, dtype=torch.bfloat16), "v must have k's shape"),
+                                  (z.int(), z.int(), "k and v must be bfloat16, float16 or float32")]:
+        with pytest.raises(RuntimeError, match=message):
+            rt.decode(0, q8, bad_k, bad_v, ones, sizes, False, 0.125)
+    assert store.seq_len(0, rt_seq) == 0
 
 
 @pytest.mark.parametrize("mode", ["full", "fixed", "fluxion"])

@@ -61,14 +61,13 @@ at::Tensor reuse_buffer(at::Tensor& buf, int64_t n, at::ScalarType dtype, bool p
 #ifdef FLUXION_WITH_CUDA
 // The decode step's small copies go straight to cudaMemcpyAsync: a copy_ through the dispatcher costs tens of
 // microseconds of host time, and the step makes several per layer.
-// dst (page-locked host) <- src (device), enqueued on `stream`; anything but a plain same-dtype copy goes
-// through copy_.
-void copy_to_host_async(at::Tensor& dst, const at::Tensor& src, cudaStream_t stream) {
-  if (src.is_cuda() && src.scalar_type() == dst.scalar_type() && src.is_contiguous() && dst.is_contiguous() &&
-      src.numel() == dst.numel()) {
-    C10_CUDA_CHECK(cudaMemcpyAsync(dst.data_ptr(), src.data_ptr(), size_t(src.nbytes()), cudaMemcpyDeviceToHost, stream));
+// src (on the device) into page-locked host memory at dst, enqueued on `stream`; anything but a contiguous copy in
+// the same dtype goes through copy_.
+void copy_to_host_async(void* dst, const at::Tensor& src, at::ScalarType dtype, cudaStream_t stream) {
+  if (src.is_cuda() && src.scalar_type() == dtype && src.is_contiguous()) {
+    C10_CUDA_CHECK(cudaMemcpyAsync(dst, src.data_ptr(), size_t(src.nbytes()), cudaMemcpyDeviceToHost, stream));
   } else {
-    dst.copy_(src, /*non_blocking=*/true);
+    at::from_blob(dst, src.sizes(), at::TensorOptions().dtype(dtype)).copy_(src, /*non_blocking=*/true);
   }
 }
 
@@ -324,6 +323,15 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   TORCH_CHECK(q.device() == device, "q must be on the runtime's device ", device, ", got ", q.device());
   TORCH_CHECK(k.dim() == 4 && k.size(2) == 1, "decode takes one new token per sequence: k must be [B, Hkv, 1, D], got ",
               shape_str(k));
+  TORCH_CHECK(k.sizes() == at::IntArrayRef({B, Hkv, 1, D}), "k must be [B, Hkv, 1, D] = [", B, ", ", Hkv, ", 1, ", D,
+              "], got ", shape_str(k));
+  TORCH_CHECK(v.sizes() == k.sizes(), "v must have k's shape ", shape_str(k), ", got ", shape_str(v));
+  TORCH_CHECK(k.device() == device && v.device() == device, "k and v must be on the runtime's device ", device,
+              ", got ", k.device(), " and ", v.device());
+  TORCH_CHECK(k.scalar_type() == v.scalar_type() && (k.scalar_type() == at::kBFloat16 || k.scalar_type() == at::kHalf ||
+                                                     k.scalar_type() == at::kFloat),
+              "k and v must be bfloat16, float16 or float32 tensors of one dtype, got ", k.scalar_type(), " and ",
+              v.scalar_type());
   at::Tensor bud, bsz;
   std::tie(bud, bsz) = checked_plan_tables(budgets, block_sizes, {B, Hq}, {B, Hkv}, "[B, Hq]", "[B, Hkv]");
   use_gpu = use_gpu && device.is_cuda();
@@ -368,7 +376,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   //    leaves the local window, `local` steps from now); the shared step stages q/k/v in one transfer and one
   //    wait, since its CPU side needs q anyway.
   const auto host_opts = at::TensorOptions().dtype(store->scalar_type()).pinned_memory(on_gpu);
-  at::Tensor q_h;
+  const uint16_t* q16 = nullptr;  // the shared step's staged q [B, Hq, D]
   if (gpu_alone) {
 #ifdef FLUXION_WITH_CUDA
     const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -382,29 +390,31 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     store->append_deferred(layer, ids, kv_h[0], kv_h[1], [copied] { C10_CUDA_CHECK(cudaEventSynchronize(copied.get())); });
 #endif
   } else {
+    // Staged as raw memory: views and copies through the dispatcher cost ~1-2 us each, and a layer step is
+    // ~1.5 ms long.
     const int64_t nq = B * Hq * D, nkv = B * Hkv * D;
     at::Tensor staged = reuse_buffer(shared_staging_, nq + 2 * nkv, store->scalar_type(), on_gpu);
-    q_h = staged.narrow(0, 0, nq).view({B, Hq, D});
-    at::Tensor k_h = staged.narrow(0, nq, nkv).view({B, Hkv, 1, D});
-    at::Tensor v_h = staged.narrow(0, nq + nkv, nkv).view({B, Hkv, 1, D});
-#ifdef FLUXION_WITH_CUDA
+    q16 = static_cast<const uint16_t*>(staged.data_ptr());
+    auto* base = static_cast<char*>(staged.data_ptr());
+    void *q_dst = base, *k_dst = base + nq * 2, *v_dst = base + (nq + nkv) * 2;  // 2-byte elements
     if (on_gpu) {
+#ifdef FLUXION_WITH_CUDA
       const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
-      copy_to_host_async(q_h, q, stream);
-      copy_to_host_async(k_h, k, stream);
-      copy_to_host_async(v_h, v, stream);
+      copy_to_host_async(q_dst, q, store->scalar_type(), stream);
+      copy_to_host_async(k_dst, k, store->scalar_type(), stream);
+      copy_to_host_async(v_dst, v, store->scalar_type(), stream);
       // Waits for q's producers: the model's own GPU work of this layer, timed apart.
       const auto w = Clock::now();
       C10_CUDA_CHECK(cudaStreamSynchronize(stream));
       model_wait_s += since(w);
-    }
 #endif
-    if (!on_gpu) {
-      q_h.copy_(q);
-      k_h.copy_(k);
-      v_h.copy_(v);
+    } else {
+      const auto opts = at::TensorOptions().dtype(store->scalar_type());
+      at::from_blob(q_dst, {B, Hq, D}, opts).copy_(q);
+      at::from_blob(k_dst, {B, Hkv, 1, D}, opts).copy_(k);
+      at::from_blob(v_dst, {B, Hkv, 1, D}, opts).copy_(v);
     }
-    store->append(layer, ids, k_h, v_h, c10::nullopt);
+    store->append_token(layer, ids, k_dst, v_dst);
   }
   append_s += since(t);
   t = Clock::now();
@@ -464,7 +474,6 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free.
   q_float_.resize(size_t(B * Hq * D));
   {
-    const auto* q16 = static_cast<const uint16_t*>(q_h.data_ptr());
     const bool bf16 = store->scalar_type() == at::kBFloat16;
     for (size_t i = 0; i < q_float_.size(); ++i)
       q_float_[i] = bf16 ? core::bf16_to_float(q16[i]) : core::fp16_to_float(q16[i]);

@@ -139,6 +139,24 @@ void StoreHolder::append(int64_t layer, const std::vector<int64_t>& seq_ids, con
     it.src = core::TokenSource{kb.data_ptr(), vb.data_ptr(), kb.stride(0), kb.stride(1), kb.size(1)};
     items.push_back(it);
   }
+  append_items(layer, items);
+}
+
+void StoreHolder::append_token(int64_t layer, const std::vector<int64_t>& seq_ids, const void* k, const void* v) {
+  check_layer(layer);
+  check_seqs(seq_ids);
+  flush_pending(layer);
+  const int64_t H = store->config().num_kv_heads, D = store->config().head_dim;
+  std::vector<core::AppendItem> items(seq_ids.size());
+  for (size_t b = 0; b < seq_ids.size(); ++b) {
+    const int64_t off = int64_t(b) * H * D * 2;  // bytes: 2-byte elements
+    items[b].seq = int(seq_ids[b]);
+    items[b].src = core::TokenSource{static_cast<const char*>(k) + off, static_cast<const char*>(v) + off, D, D, 1};
+  }
+  append_items(layer, items);
+}
+
+void StoreHolder::append_items(int64_t layer, const std::vector<core::AppendItem>& items) {
   try {
     store->append(int(layer), items, aten_parallel_for());
   } catch (const core::CapacityError& e) {

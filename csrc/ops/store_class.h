@@ -25,6 +25,9 @@ struct StoreHolder : torch::CustomClassHolder {
   // k, v: [B, Hkv, T, D] on any device; valid: optional [B, T] bool (false = padding, skipped).
   void append(int64_t layer, const std::vector<int64_t>& seq_ids, const at::Tensor& k, const at::Tensor& v,
               const c10::optional<at::Tensor>& valid);
+  // One decode token per sequence from contiguous host [B, Hkv, D] arrays in the store's dtype, unchecked
+  // beyond the ids: the decode step's path, which stages them itself (a tensor append costs ~10 dispatcher calls).
+  void append_token(int64_t layer, const std::vector<int64_t>& seq_ids, const void* k, const void* v);
   // Appends whose K/V are still on their way to the host (the GPU-alone decode step of HybridRuntime): the
   // positions are reserved now (capacity checked, lengths grow), the data is written once `ready` returns
   // (it waits for the device -> host copy into k_host/v_host [B, Hkv, 1, D]). Every method that reads or
@@ -49,6 +52,8 @@ struct StoreHolder : torch::CustomClassHolder {
     std::function<void()> ready;
   };
   mutable std::vector<PendingWrite> pending_;  // in append order
+  // The store's append with its errors as torch errors (CapacityError tagged for fluxion.store).
+  void append_items(int64_t layer, const std::vector<core::AppendItem>& items);
 };
 
 }  // namespace fluxion::ops
