@@ -10,8 +10,10 @@ Modes (pick with --modes):
                                               segments (FluxionConfig.cuda_graphs) so only attention runs eagerly;
                                               'fluxion' uses a synthetic per-head table (--table-seed): 30% of
                                               heads streaming, the rest budget 0.02..0.10, block 16 or 32 per group.
-  share16-0.05                                'fluxion' mode with fixed16-0.05's budgets for every head: the work
-                                              sharing of the shared queue alone (CPU + GPU vs CPU only).
+  share16-0.05                                'fluxion' mode with fixed16-0.05's budgets for every head, every step
+                                              shared (device_policy 'shared'): the work sharing of the shared queue
+                                              alone (CPU + GPU vs CPU only). The other Fluxion modes use 'auto',
+                                              which runs a step on the CPU alone where that has read faster.
   hf-offload                                  HF DynamicCache(offloading=True), sdpa, eager forward.
   hf-gpu                                      HF DynamicCache on the GPU, sdpa (only where the cache fits).
   graph-floor                                 the whole decode step of the model with HF's StaticCache captured in
@@ -77,8 +79,10 @@ def fluxion_config(mode: str, cfg, a) -> fluxion.FluxionConfig:
         return fluxion.FluxionConfig(mode="full", **common)
     if mode.startswith(("fixed", "share")):
         bs, budget = mode[5:].split("-")
+        # share: every step shares the queue (device_policy 'shared'), to measure the work sharing itself.
         return fluxion.FluxionConfig(mode="fixed" if mode.startswith("fixed") else "fluxion", block_size=int(bs),
-                                     budget=float(budget), **common)
+                                     budget=float(budget), **common,
+                                     **({} if mode.startswith("fixed") else {"device_policy": "shared"}))
     return fluxion.FluxionConfig(mode="fluxion", head_table=synthetic_table(cfg, a.table_seed), **common)
 
 
@@ -331,7 +335,8 @@ def main(argv=None) -> int:
                        f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%} ({attn['of_both_ceiling']:.0%} of the "
                        f"both-at-once ceiling), GPU idle "
                        f"{attn['gpu_idle_ratio']:.0%}, whole-step graphs {stats.get('graph_steps', 0)}/"
-                       f"{stats.get('decode_steps', 0)} steps") if attn else ""
+                       f"{stats.get('decode_steps', 0)} steps, CPU-alone layer steps "
+                       f"{stats.get('cpu_alone_steps', 0)}") if attn else ""
                 vs_floor = f"  ({p50 / floors[b]:.2f}x the graph floor)" if b in floors else ""
                 line = (f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
                         f"{peak / 2**30:>8.2f}{eff}{vs_floor}")

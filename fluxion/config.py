@@ -18,7 +18,7 @@ import torch
 
 MODES = ("full", "fixed", "fluxion")
 BLOCK_SIZES = (16, 32, 64, 128)
-DEVICE_POLICIES = ("auto", "cpu", "gpu")
+DEVICE_POLICIES = ("auto", "shared", "cpu", "gpu")
 DECODE_BACKENDS = ("python", "cpp")
 KV_DTYPES = (torch.bfloat16, torch.float16)
 
@@ -113,8 +113,12 @@ class FluxionConfig:
     gpu_streams:    CUDA streams for GPU retrieval (>= 1; the current runtime launches on one stream).
     gpu_share:      in 'full'/'fluxion' mode with a GPU, the share of the retrieval data volume handed to the
                     GPU (largest groups first); the rest runs on the CPU at the same time.
-    device_policy:  where retrieval runs: 'auto' (CPU and GPU when the model is on a GPU with Fluxion's CUDA
-                    kernels, CPU otherwise), 'cpu' (CPU only) or 'gpu' (GPU only; needs the CUDA kernels).
+    device_policy:  where retrieval runs: 'auto' (on a GPU with Fluxion's CUDA kernels, each layer step either
+                    shares the queue between the CPU and the GPU or runs on the CPU alone, whichever has read
+                    faster, measured as it runs and re-checked every 64 steps; CPU otherwise), 'shared' (CPU and
+                    GPU whenever the model is on a GPU), 'cpu' (CPU only) or 'gpu' (GPU only; needs the CUDA
+                    kernels). Both devices read host DRAM: where the CPU alone reads a step's blocks near the
+                    DRAM's limit (small batches, sparse budgets), the GPU's reads only slow the CPU's.
     host_byte_cap:  bound on the host store's committed bytes (None = physical memory); exceeding it raises
                     :class:`fluxion.CapacityError` and stores nothing.
     page_tokens:    tokens per host page (a positive multiple of 128; 1024 by default, which makes the block-16

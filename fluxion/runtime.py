@@ -222,6 +222,7 @@ class HybridAttentionRuntime:
         self._graph_tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # B -> [L, B, Hq], [L, B, Hkv]
         self.graph_epoch = getattr(self, "graph_epoch", -1) + 1  # captured whole-step graphs of older epochs are stale
         self._cpp.configure(config.cpu_threads or 0, self.cpu_retrieval, self.min_shared_volume)
+        self._cpp.set_adaptive_sharing(config.device_policy == "auto")
 
     def reconfigure(self, config: FluxionConfig) -> None:
         """Switches the decode policy (mode, budgets, block sizes, head table, device split) of a live cache.
@@ -566,7 +567,8 @@ class HybridAttentionRuntime:
         a shared step spent waiting for its q, i.e. for the model's own GPU work before the layer's attention),
         plan_s (planning each layer step, uploading its plan, launching the window append),
         gpu_alone_steps (layer steps small
-        enough to run on the GPU alone without a host sync, see min_shared_volume), graph_steps (decode steps
+        enough to run on the GPU alone without a host sync, see min_shared_volume), cpu_alone_steps (layer steps
+        device_policy='auto' ran on the CPU alone because that had been reading faster), graph_steps (decode steps
         whose attention ran inside a whole-step CUDA graph, see graph_begin; the host timers do not cover them)
         and gpu_idle_ratio: the
         share of the retrieval phase during which the GPU waited (no batch of a shared step running; GPU-alone
@@ -587,7 +589,8 @@ class HybridAttentionRuntime:
                          merge_s=c["merge_s"], step_s=c["step_s"], model_wait_s=c["model_wait_s"],
                          plan_s=c["plan_s"], bytes_cpu=int(c["cpu_bytes"]),
                          bytes_pcie=int(c["gpu_bytes"]), tasks_cpu=int(c["cpu_tasks"]), tasks_gpu=int(c["gpu_tasks"]),
-                         gpu_alone_steps=int(c["gpu_alone_steps"]), graph_steps=int(c["graph_steps"]))
+                         gpu_alone_steps=int(c["gpu_alone_steps"]), cpu_alone_steps=int(c["cpu_alone_steps"]),
+                         graph_steps=int(c["graph_steps"]))
             total.pop("retrieval_cpu_s", None)
             total.pop("retrieval_gpu_s", None)
         n = max(st.decode_steps, 1)

@@ -10,9 +10,10 @@ from fluxion import reference as R
 from conftest import make_kv, make_q
 
 
-def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0, min_shared_volume=None):
+def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0, min_shared_volume=None, adaptive=False):
     """`steps` decode steps of layer 1 after a prefill. min_shared_volume: 0 makes every GPU step share the
-    queue with the CPU, a huge value makes it run on the GPU alone (no host sync; deferred store writes)."""
+    queue with the CPU, a huge value makes it run on the GPU alone (no host sync; deferred store writes).
+    adaptive: device_policy 'auto''s choice between sharing a step and running it on the CPU alone."""
     L, hkv, hq, d = 2, 2, 8, 64
     dev = torch.device(device)
     store = fluxion.HostKVStore(L, hkv, d, torch.bfloat16, pin=dev.type == "cuda")
@@ -20,6 +21,7 @@ def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0, min_shared_v
     rt = torch.classes.fluxion.HybridRuntime(store._impl, hq, str(dev), 64, 256, 2)
     if min_shared_volume is not None:
         rt.configure(2, True, min_shared_volume)
+    rt.set_adaptive_sharing(adaptive)
     rt.set_sequences(seqs)
     n0 = 1100
     k, v, direction = make_kv(2, hkv, n0 + steps, d, torch.bfloat16, seed=seed)
@@ -221,3 +223,21 @@ def test_dense_parts_is_checked():
     rt = torch.classes.fluxion.HybridRuntime(store._impl, 8, "cpu", 64, 256, 1)
     with pytest.raises(RuntimeError, match="dense_parts must be in"):
         rt.set_dense_parts(17)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fluxion.build_info()["cuda"],
+                    reason="needs a GPU and Fluxion's CUDA kernels")
+def test_adaptive_sharing_tries_both_devices_and_stays_exact():
+    """device_policy 'auto': the first steps alternate between sharing with the GPU and the CPU alone (then the
+    faster one runs); either way every step equals the reference."""
+    outs, refs, stats = _run("cuda", True, 0.3, block=32, steps=10, min_shared_volume=0, adaptive=True)
+    assert 0 < stats["cpu_alone_steps"] < 10 and stats["gpu_tasks"] > 0
+    for out, (q, ks, vs) in zip(outs, refs):
+        for b in range(2):
+            n = ks[b].shape[1]
+            ro, rl = R.retrieval_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]),
+                                           torch.full((1, 8), 0.3), torch.full((1, 2), 32, dtype=torch.int32),
+                                           64, 256, 64 ** -0.5)
+            wo, wl = R.window_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]), 64, 256, 64 ** -0.5)
+            mo, _ = R.merge_states(torch.stack([ro, wo]), torch.stack([rl, wl]))
+            torch.testing.assert_close(out[b], mo[0], atol=1e-4, rtol=1e-3)

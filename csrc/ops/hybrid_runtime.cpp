@@ -356,6 +356,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // more than the CPU saves). Larger steps share the queue between the CPU and the GPU.
   use_gpu = use_gpu && on_gpu;
   const bool gpu_alone = use_gpu && (!cpu_retrieval || volume < min_shared_volume);
+  const bool adaptive = adaptive_sharing && use_gpu && !gpu_alone;
+  if (adaptive) use_gpu = choose_sharing();
   // The retrieval's rows: the batch's, plus token-range parts of the dense groups when the queue is short.
   const int64_t page_tokens = store->store->layout().page_tokens;
   const RetrievalRows rows =
@@ -585,6 +587,10 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     update_rate(cpu_rate, cpu_bytes_step, qs.cpu_busy_s);
     update_rate(gpu_rate, gpu_bytes_step, qs.gpu_busy_s);
   }
+  if (adaptive) {
+    update_rate(use_gpu ? shared_step_rate : alone_step_rate, cpu_bytes_step + gpu_bytes_step, shared_s);
+    cpu_alone_steps += !use_gpu;
+  }
   cpu_busy_s += qs.cpu_busy_s;
   gpu_busy_s += qs.gpu_busy_s;
   cpu_tasks += qs.cpu_tasks;
@@ -607,6 +613,18 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   for (size_t i = 0; i < gpu_out.size(); ++i)
     if (gpu_out[i].defined()) add_row_blocks(gpu_out[i], gpu_lse[i], gpu_row_blocks[i]);
   return merge_parts(outs, lses, t, t_step);
+}
+
+bool HybridRuntime::choose_sharing() {
+  // The first kExplore steps alternate (a first step pays one-off costs: threads waking, buffers growing); then
+  // the faster option, and the other one every kProbeEvery steps.
+  if (explored_steps < kExplore) return explored_steps++ % 2 == 0;
+  const bool faster = shared_step_rate >= alone_step_rate;
+  if (++steps_since_probe >= kProbeEvery) {
+    steps_since_probe = 0;
+    return !faster;
+  }
+  return faster;
 }
 
 std::vector<core::QueueTask> HybridRuntime::plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
@@ -869,6 +887,7 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
   d.insert("gpu_bytes", double(gpu_bytes + (gpu_bytes_pending.defined() ? gpu_bytes_pending.item<int64_t>() : 0) +
                                 (graph_bytes_.defined() ? graph_bytes_.item<int64_t>() : 0)));
   d.insert("gpu_alone_steps", double(gpu_alone_steps));
+  d.insert("cpu_alone_steps", double(cpu_alone_steps));
   d.insert("graph_steps", double(graph_steps_));
   // The GPU is busy with retrieval only while a batch runs; the window kernel is small in comparison.
   // GPU-alone steps count as busy: the host never makes the GPU wait for it there.
@@ -877,7 +896,7 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
 }
 
 void HybridRuntime::reset_stats() {
-  steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = gpu_alone_steps = 0;
+  steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = gpu_alone_steps = cpu_alone_steps = 0;
   gpu_bytes_pending = at::Tensor();
   graph_steps_ = 0;
   if (graph_bytes_.defined()) graph_bytes_.zero_();
@@ -905,6 +924,13 @@ void register_hybrid_runtime(torch::Library& m) {
              self->cpu_workers = cpu_workers;
              self->cpu_retrieval = cpu_retrieval;
              self->min_shared_volume = min_shared_volume;
+           })
+      .def("set_adaptive_sharing",
+           [](const c10::intrusive_ptr<HybridRuntime>& self, bool on) {
+             // A new policy starts its measurements afresh.
+             self->adaptive_sharing = on;
+             self->shared_step_rate = self->alone_step_rate = 0;
+             self->steps_since_probe = self->explored_steps = 0;
            })
       .def("set_dense_parts",
            [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t parts) {

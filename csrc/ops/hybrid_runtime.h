@@ -35,6 +35,15 @@ struct HybridRuntime : torch::CustomClassHolder {
   int64_t min_shared_volume = 48 << 20;
   double cpu_rate = 0, gpu_rate = 0;  // measured retrieval bytes/s of each side (set the queue split)
   bool cpu_retrieval = true;         // false: the GPU takes every task (FluxionConfig.device_policy='gpu')
+  // Adaptive sharing (FluxionConfig.device_policy='auto'): a step that would share the queue runs on the CPU
+  // alone instead when that has been reading faster. Both devices read host DRAM; where the CPU alone already
+  // reads the step's blocks near the DRAM's limit (batch 1, sparse), the GPU's reads only slow the CPU's. Each
+  // option's retrieval throughput (bytes / retrieval time) is averaged over the steps that used it, and the
+  // other option is re-tried every kProbeEvery shared-size steps so the choice follows the load (see choose_sharing).
+  bool adaptive_sharing = false;
+  double shared_step_rate = 0, alone_step_rate = 0;
+  int64_t steps_since_probe = 0, explored_steps = 0;
+  static constexpr int64_t kExplore = 8, kProbeEvery = 64;
   // Token-range parts the dense groups of a step are split into (hybrid_runtime.cpp, RetrievalRows): 0 = as
   // needed in steps the CPU and GPU share (a layer with few tasks balances badly between the two), 1 = never,
   // n >= 2 = always n (tests use it to run the split on the CPU).
@@ -45,6 +54,7 @@ struct HybridRuntime : torch::CustomClassHolder {
 
   // Per-step statistics, summed since the last reset_stats().
   int64_t steps = 0, cpu_tasks = 0, gpu_tasks = 0, cpu_bytes = 0, gpu_bytes = 0, gpu_alone_steps = 0;
+  int64_t cpu_alone_steps = 0;  // steps adaptive sharing ran on the CPU alone though the GPU could have shared
   at::Tensor gpu_bytes_pending;  // bytes read by GPU-alone steps, summed on the device (read by stats())
   double cpu_select_s = 0, cpu_attend_s = 0;  // the CPU side's phases: score + top-k + union, attention + merge
   double cpu_score_s = 0, cpu_topk_s = 0;     // of cpu_select_s: the scoring and top-k phases
@@ -99,6 +109,8 @@ struct HybridRuntime : torch::CustomClassHolder {
   // largest data volume first.
   std::vector<core::QueueTask> plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
                                           const int32_t* block_sizes) const;
+  // Adaptive sharing's choice for the next step that could share: true = share the queue with the GPU.
+  bool choose_sharing();
   // Parts to split the dense groups of a step with these tasks into (0: none); `shared`: both sides pull.
   int64_t split_parts(const std::vector<core::QueueTask>& tasks, const std::vector<int32_t>& lens_before,
                       const float* budgets, bool shared) const;
