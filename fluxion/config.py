@@ -115,9 +115,9 @@ class FluxionConfig:
                     GPU (largest groups first); the rest runs on the CPU at the same time.
     device_policy:  where retrieval runs: 'auto' (on a GPU with Fluxion's CUDA kernels, each layer step either
                     shares the queue between the CPU and the GPU or runs on the CPU alone, whichever has read
-                    faster, measured as it runs and re-checked every 64 steps; CPU otherwise), 'shared' (CPU and
-                    GPU whenever the model is on a GPU), 'cpu' (CPU only) or 'gpu' (GPU only; needs the CUDA
-                    kernels). Both devices read host DRAM: where the CPU alone reads a step's blocks near the
+                    faster, measured per layer as it runs and re-checked every 32 steps; CPU otherwise), 'shared'
+                    (CPU and GPU whenever the model is on a GPU), 'cpu' (CPU only) or 'gpu' (GPU only; needs the
+                    CUDA kernels). Both devices read host DRAM: where the CPU alone reads a step's blocks near the
                     DRAM's limit (small batches, sparse budgets), the GPU's reads only slow the CPU's.
     host_byte_cap:  bound on the host store's committed bytes (None = physical memory); exceeding it raises
                     :class:`fluxion.CapacityError` and stores nothing.

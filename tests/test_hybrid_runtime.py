@@ -225,7 +225,7 @@ def test_dense_parts_is_checked():
         rt.set_dense_parts(17)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() or not fluxion.build_info()["cuda"],
+@pytest.mark.skipif(not torch.cuda.is_available() or not fluxion.build_info()["cuda_kernels"],
                     reason="needs a GPU and Fluxion's CUDA kernels")
 def test_adaptive_sharing_tries_both_devices_and_stays_exact():
     """device_policy 'auto': the first steps alternate between sharing with the GPU and the CPU alone (then the

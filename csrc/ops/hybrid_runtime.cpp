@@ -357,7 +357,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   use_gpu = use_gpu && on_gpu;
   const bool gpu_alone = use_gpu && (!cpu_retrieval || volume < min_shared_volume);
   const bool adaptive = adaptive_sharing && use_gpu && !gpu_alone;
-  if (adaptive) use_gpu = choose_sharing();
+  if (adaptive) use_gpu = choose_sharing(layer);
   // The retrieval's rows: the batch's, plus token-range parts of the dense groups when the queue is short.
   const int64_t page_tokens = store->store->layout().page_tokens;
   const RetrievalRows rows =
@@ -588,7 +588,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     update_rate(gpu_rate, gpu_bytes_step, qs.gpu_busy_s);
   }
   if (adaptive) {
-    update_rate(use_gpu ? shared_step_rate : alone_step_rate, cpu_bytes_step + gpu_bytes_step, shared_s);
+    SharingChoice& c = sharing_choice[size_t(layer)];
+    update_rate(use_gpu ? c.shared_rate : c.alone_rate, cpu_bytes_step + gpu_bytes_step, shared_s);
     cpu_alone_steps += !use_gpu;
   }
   cpu_busy_s += qs.cpu_busy_s;
@@ -615,13 +616,15 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   return merge_parts(outs, lses, t, t_step);
 }
 
-bool HybridRuntime::choose_sharing() {
-  // The first kExplore steps alternate (a first step pays one-off costs: threads waking, buffers growing); then
-  // the faster option, and the other one every kProbeEvery steps.
-  if (explored_steps < kExplore) return explored_steps++ % 2 == 0;
-  const bool faster = shared_step_rate >= alone_step_rate;
-  if (++steps_since_probe >= kProbeEvery) {
-    steps_since_probe = 0;
+bool HybridRuntime::choose_sharing(int64_t layer) {
+  if (int64_t(sharing_choice.size()) <= layer) sharing_choice.resize(size_t(layer) + 1);
+  SharingChoice& c = sharing_choice[size_t(layer)];
+  // The layer's first kExplore steps alternate (a first step pays one-off costs: threads waking, buffers
+  // growing); then the faster option, and the other one every kProbeEvery steps.
+  if (c.explored < kExplore) return c.explored++ % 2 == 0;
+  const bool faster = c.shared_rate >= c.alone_rate;
+  if (++c.since_probe >= kProbeEvery) {
+    c.since_probe = 0;
     return !faster;
   }
   return faster;
@@ -929,8 +932,7 @@ void register_hybrid_runtime(torch::Library& m) {
            [](const c10::intrusive_ptr<HybridRuntime>& self, bool on) {
              // A new policy starts its measurements afresh.
              self->adaptive_sharing = on;
-             self->shared_step_rate = self->alone_step_rate = 0;
-             self->steps_since_probe = self->explored_steps = 0;
+             self->sharing_choice.clear();
            })
       .def("set_dense_parts",
            [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t parts) {
