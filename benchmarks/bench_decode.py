@@ -213,9 +213,11 @@ def graph_floor(model, batch: int, context: int, a):
 
 
 def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: float, tpot: float,
-                   floor: float | None, both_bw: float | None = None) -> dict:
-    """The attention step of one decode step (all layers) against the roofline of the devices it may use:
-    bytes touched / host-read GB/s for 'fixed' (CPU retrieval only), bytes / (host-read + PCIe GB/s) otherwise.
+                   floor: float | None, both_bw: float | None = None, layers: int = 0) -> dict:
+    """The attention step of one decode step (all layers) against the roofline of the devices it uses:
+    bytes touched / host-read GB/s for 'fixed' (CPU retrieval only), bytes / (host-read + PCIe GB/s) otherwise,
+    the PCIe term weighted by the share of the `layers` layer steps that did not run on the CPU alone
+    (device_policy 'auto' leaves the GPU out where that reads faster: per-step cpu_alone_steps).
     Its time is the C++ step's host-measured step_s less model_wait_s (the shared step's wait for q, which is the
     model's own GPU work of the layer before its attention, not attention). Layer steps
     that ran on the GPU alone (gpu_alone_steps) never wait: their host time is only the enqueueing, so there
@@ -223,7 +225,8 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     of_both_ceiling: the same bytes against the rate both devices reached reading host memory at once
     (combined_read_bandwidth), for the modes that use both."""
     nbytes = per.get("bytes_cpu", 0.0) + per.get("bytes_pcie", 0.0)
-    ceiling = host_bw if mode.startswith("fixed") or not pcie_bw else host_bw + pcie_bw
+    alone = min(1.0, per.get("cpu_alone_steps", 0.0) / layers) if layers else 0.0
+    ceiling = host_bw if mode.startswith("fixed") or not pcie_bw else host_bw + pcie_bw * (1.0 - alone)
     roofline = nbytes / (ceiling * 1e9)
     step = per.get("step_s", 0.0) - per.get("model_wait_s", 0.0)
     source = "step_s"
@@ -232,7 +235,8 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     elif per.get("graph_steps", 0) > 0:
         # Whole-step graphs leave the host timers empty: without a graph-floor row there is nothing to subtract.
         step, source = (tpot - floor, "tpot-floor") if floor is not None else (float("nan"), "n/a")
-    shared_ceiling = host_bw if mode.startswith("fixed") or not both_bw else max(both_bw, host_bw)
+    shared_ceiling = (host_bw if mode.startswith("fixed") or not both_bw
+                      else host_bw + (max(both_bw, host_bw) - host_bw) * (1.0 - alone))
     of_both = nbytes / (shared_ceiling * 1e9) / step if step > 0 else float("nan")
     return dict(attention_ms=step * 1e3, attention_from=source, mb_per_step=nbytes / 1e6,
                 roofline_ms=roofline * 1e3, of_roofline=roofline / step if step > 0 else float("nan"), of_both_ceiling=of_both,
@@ -329,7 +333,8 @@ def main(argv=None) -> int:
                 per = stats.get("per_step", {}) if stats else {}
                 brk = " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in per.items() if k.endswith("_s"))
                 attn = (attention_step(mode, per, stats, host_bw, pcie_bw, p50, floors.get(b),
-                                       both["total"] if both else None) if per else {})
+                                       both["total"] if both else None, model.config.num_hidden_layers)
+                        if per else {})
                 eff = (f"  | attention {attn['attention_ms']:.2f}ms"
                        f"{ATTENTION_SOURCE[attn['attention_from']]}, {attn['mb_per_step']:.0f} MB, roofline "
                        f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%} ({attn['of_both_ceiling']:.0%} of the "
