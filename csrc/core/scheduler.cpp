@@ -95,6 +95,24 @@ void ControlThread::wait() {
   cv_.wait(lock, [this] { return !busy_; });
 }
 
+bool SharingChoice::next() {
+  exploring_ = explored_ < kExplore;
+  if (exploring_) return explored_++ % 2 == 0;
+  const bool faster = shared_rate_ >= alone_rate_;
+  if (++since_probe_ >= kProbeEvery) {
+    since_probe_ = 0;
+    return !faster;
+  }
+  return faster;
+}
+
+void SharingChoice::record(bool shared, int64_t bytes, double seconds) {
+  if (bytes <= 0 || seconds <= 0) return;
+  const double sample = double(bytes) / seconds;
+  double& rate = shared ? shared_rate_ : alone_rate_;
+  rate = exploring_ || rate <= 0 ? std::max(rate, sample) : 0.7 * rate + 0.3 * sample;
+}
+
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
                     const QueueSplit& split, QueueRunStats* stats) {
   if (!cpu_fn && !gpu_fn) throw std::invalid_argument("run_task_queue needs a CPU or a GPU consumer");

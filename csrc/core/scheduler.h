@@ -100,6 +100,27 @@ struct QueueSplit {
   int gpu_in_flight = 2;
 };
 
+// Adaptive sharing for one layer (FluxionConfig.device_policy='auto'): whether its next step shares the queue
+// with the GPU or runs on the CPU alone. Both devices read host DRAM; where the CPU alone reads a step's blocks
+// near the DRAM's limit (batch 1, sparse), the GPU's reads only slow the CPU's, while dense steps gain from both.
+// The first kExplore steps alternate between the two, each option keeping its best rate (a first step pays
+// one-off costs: threads waking, buffers growing, and a noisy host only ever slows a step down); after that the
+// faster option runs, the other every kProbeEvery steps, and rates are running averages.
+class SharingChoice {
+ public:
+  static constexpr int kExplore = 4, kProbeEvery = 32;
+  bool next();  // true: share the next step with the GPU
+  // The step chosen by the last next() read `bytes` in `seconds` of retrieval.
+  void record(bool shared, int64_t bytes, double seconds);
+  double shared_rate() const { return shared_rate_; }
+  double alone_rate() const { return alone_rate_; }
+
+ private:
+  double shared_rate_ = 0, alone_rate_ = 0;  // bytes / s
+  int explored_ = 0, since_probe_ = 0;
+  bool exploring_ = false;  // the last next() was an exploring step
+};
+
 // Runs the queue to exhaustion. cpu_fn runs a batch of tasks on the calling thread (it may use every CPU
 // thread); gpu_fn launches a batch from `control` (up to split.gpu_in_flight at once; a new pull happens when
 // fewer are running). With both sides, the GPU side pulls first (the CPU side waits for that pull, not for the

@@ -357,7 +357,10 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   use_gpu = use_gpu && on_gpu;
   const bool gpu_alone = use_gpu && (!cpu_retrieval || volume < min_shared_volume);
   const bool adaptive = adaptive_sharing && use_gpu && !gpu_alone;
-  if (adaptive) use_gpu = choose_sharing(layer);
+  if (adaptive) {
+    if (int64_t(sharing_choice.size()) <= layer) sharing_choice.resize(size_t(layer) + 1);
+    use_gpu = sharing_choice[size_t(layer)].next();
+  }
   // The retrieval's rows: the batch's, plus token-range parts of the dense groups when the queue is short.
   const int64_t page_tokens = store->store->layout().page_tokens;
   const RetrievalRows rows =
@@ -588,8 +591,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     update_rate(gpu_rate, gpu_bytes_step, qs.gpu_busy_s);
   }
   if (adaptive) {
-    SharingChoice& c = sharing_choice[size_t(layer)];
-    update_rate(use_gpu ? c.shared_rate : c.alone_rate, cpu_bytes_step + gpu_bytes_step, shared_s);
+    sharing_choice[size_t(layer)].record(use_gpu, cpu_bytes_step + gpu_bytes_step, shared_s);
     cpu_alone_steps += !use_gpu;
   }
   cpu_busy_s += qs.cpu_busy_s;
@@ -614,20 +616,6 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   for (size_t i = 0; i < gpu_out.size(); ++i)
     if (gpu_out[i].defined()) add_row_blocks(gpu_out[i], gpu_lse[i], gpu_row_blocks[i]);
   return merge_parts(outs, lses, t, t_step);
-}
-
-bool HybridRuntime::choose_sharing(int64_t layer) {
-  if (int64_t(sharing_choice.size()) <= layer) sharing_choice.resize(size_t(layer) + 1);
-  SharingChoice& c = sharing_choice[size_t(layer)];
-  // The layer's first kExplore steps alternate (a first step pays one-off costs: threads waking, buffers
-  // growing); then the faster option, and the other one every kProbeEvery steps.
-  if (c.explored < kExplore) return c.explored++ % 2 == 0;
-  const bool faster = c.shared_rate >= c.alone_rate;
-  if (++c.since_probe >= kProbeEvery) {
-    c.since_probe = 0;
-    return !faster;
-  }
-  return faster;
 }
 
 std::vector<core::QueueTask> HybridRuntime::plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,

@@ -36,18 +36,10 @@ struct HybridRuntime : torch::CustomClassHolder {
   double cpu_rate = 0, gpu_rate = 0;  // measured retrieval bytes/s of each side (set the queue split)
   bool cpu_retrieval = true;         // false: the GPU takes every task (FluxionConfig.device_policy='gpu')
   // Adaptive sharing (FluxionConfig.device_policy='auto'): a step that would share the queue runs on the CPU
-  // alone instead when that has been reading faster. Both devices read host DRAM; where the CPU alone already
-  // reads the step's blocks near the DRAM's limit (batch 1, sparse), the GPU's reads only slow the CPU's. Each
-  // option's retrieval throughput (bytes / retrieval time) is averaged over the steps that used it, per layer
-  // (layers differ in budgets and block sizes), and the other option is re-tried every kProbeEvery steps of the
-  // layer so the choice follows the load (see choose_sharing).
+  // alone instead where that has been reading faster, measured per layer (layers differ in budgets and block
+  // sizes); see core::SharingChoice.
   bool adaptive_sharing = false;
-  struct SharingChoice {
-    double shared_rate = 0, alone_rate = 0;
-    int64_t explored = 0, since_probe = 0;
-  };
-  std::vector<SharingChoice> sharing_choice;  // per layer
-  static constexpr int64_t kExplore = 4, kProbeEvery = 32;
+  std::vector<core::SharingChoice> sharing_choice;  // per layer
   // Token-range parts the dense groups of a step are split into (hybrid_runtime.cpp, RetrievalRows): 0 = as
   // needed in steps the CPU and GPU share (a layer with few tasks balances badly between the two), 1 = never,
   // n >= 2 = always n (tests use it to run the split on the CPU).
@@ -113,8 +105,6 @@ struct HybridRuntime : torch::CustomClassHolder {
   // largest data volume first.
   std::vector<core::QueueTask> plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
                                           const int32_t* block_sizes) const;
-  // Adaptive sharing's choice for the layer's next step that could share: true = share the queue with the GPU.
-  bool choose_sharing(int64_t layer);
   // Parts to split the dense groups of a step with these tasks into (0: none); `shared`: both sides pull.
   int64_t split_parts(const std::vector<core::QueueTask>& tasks, const std::vector<int32_t>& lens_before,
                       const float* budgets, bool shared) const;

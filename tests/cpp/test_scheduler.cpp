@@ -209,3 +209,52 @@ TEST_CASE("the GPU side pulls ahead of a running batch only while the queue hold
   REQUIRE(launches_ahead > 0);  // it did pull ahead while the queue was long
   REQUIRE(running == 0);        // every launched batch was waited for
 }
+
+// Drives one layer's choice for `steps` steps; the step that shares reads at `shared` bytes/s, the CPU alone at
+// `alone` (functions of the step index). Returns the choices.
+template <class SharedRate, class AloneRate>
+std::vector<bool> drive(core::SharingChoice& c, int steps, SharedRate shared, AloneRate alone) {
+  std::vector<bool> picks;
+  for (int i = 0; i < steps; ++i) {
+    const bool share = c.next();
+    c.record(share, 1000000, 1000000.0 / (share ? shared(i) : alone(i)));
+    picks.push_back(share);
+  }
+  return picks;
+}
+
+TEST_CASE("adaptive sharing explores both options, then runs the faster and probes the other", "[scheduler]") {
+  core::SharingChoice c;
+  const auto picks = drive(c, 3 * core::SharingChoice::kProbeEvery, [](int) { return 50.0; }, [](int) { return 80.0; });
+  const int E = core::SharingChoice::kExplore;
+  for (int i = 0; i < E; ++i) REQUIRE(picks[size_t(i)] == (i % 2 == 0));  // alternating, sharing first
+  int shared_after = 0;
+  for (size_t i = size_t(E); i < picks.size(); ++i) shared_after += picks[i];
+  // The CPU alone is faster: sharing only on the probes, one every kProbeEvery steps.
+  REQUIRE(shared_after == (3 * core::SharingChoice::kProbeEvery - E) / core::SharingChoice::kProbeEvery);
+  REQUIRE(c.alone_rate() == Approx(80.0));
+}
+
+TEST_CASE("adaptive sharing: a slow first step does not decide", "[scheduler]") {
+  // The first shared step pays one-off costs (a tenth of its real rate); exploring keeps each option's best.
+  core::SharingChoice c;
+  const auto picks = drive(c, 20, [](int i) { return i == 0 ? 10.0 : 100.0; }, [](int) { return 60.0; });
+  for (size_t i = size_t(core::SharingChoice::kExplore); i < picks.size(); ++i) REQUIRE(picks[i]);
+  REQUIRE(c.shared_rate() == Approx(100.0));
+}
+
+TEST_CASE("adaptive sharing follows a change in load through its probes", "[scheduler]") {
+  // Sharing is faster at first; from step 40 on the CPU alone is (the other side's load grew).
+  core::SharingChoice c;
+  const auto picks = drive(c, 400, [](int i) { return i < 40 ? 100.0 : 30.0; }, [](int) { return 60.0; });
+  REQUIRE(picks[20]);
+  int shared_late = 0;
+  for (size_t i = 300; i < 400; ++i) shared_late += picks[i];
+  REQUIRE(shared_late <= 100 / core::SharingChoice::kProbeEvery + 1);  // probes only
+  // No bytes or no time (a step with nothing to read) teaches nothing.
+  core::SharingChoice d;
+  d.next();
+  d.record(true, 0, 1.0);
+  d.record(true, 100, 0.0);
+  REQUIRE(d.shared_rate() == 0.0);
+}
