@@ -317,7 +317,7 @@ def test_reconfigure_live_cache_and_probe_table():
     (dict(host_byte_cap=0), "FluxionConfig.host_byte_cap"),
     (dict(page_tokens=200), "FluxionConfig.page_tokens"),
     (dict(kv_dtype=torch.float32), "FluxionConfig.kv_dtype"),
-    (dict(device_policy="tpu"), "FluxionConfig.device_policy"),
+    (dict(device_policy="tpu"), r"FluxionConfig.device_policy must be one of \('auto', 'shared', 'cpu', 'gpu'\)"),
     (dict(mode="fluxion", head_table=[[0.1, 2.0]]), r"FluxionConfig.head_table must be budgets in \[0, 1\]"),
     (dict(mode="fluxion", head_table=(torch.zeros(2, 4), [[16, 24], [16, 16]])), "block_sizes in"),
     (dict(mode="fixed", head_table=torch.zeros(2, 4)), "head_table must be None unless mode='fluxion'"),
