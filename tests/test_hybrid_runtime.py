@@ -65,18 +65,23 @@ def test_full_budget_equals_dense_attention(device, use_gpu, path):
         assert stats["gpu_alone_steps"] == (4 if path == "gpu-alone" else 0) and stats["gpu_bytes"] > 0
 
 
-@pytest.mark.parametrize("path", ["shared", "gpu-alone"])
-def test_sparse_budget_matches_reference_task(device, path):
-    outs, refs, _ = _run(device, True, 0.05, block=32, min_shared_volume=0 if path == "shared" else 1 << 40)
+def _check_against_reference(outs, refs, budget, block=32):
+    """Each step of _run equals the fp32 reference: retrieval at `budget` / `block` merged with the window."""
     for out, (q, ks, vs) in zip(outs, refs):
         for b in range(2):
             n = ks[b].shape[1]
             ro, rl = R.retrieval_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]),
-                                           torch.full((1, 8), 0.05), torch.full((1, 2), 32, dtype=torch.int32),
+                                           torch.full((1, 8), budget), torch.full((1, 2), block, dtype=torch.int32),
                                            64, 256, 64 ** -0.5)
             wo, wl = R.window_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]), 64, 256, 64 ** -0.5)
             mo, _ = R.merge_states(torch.stack([ro, wo]), torch.stack([rl, wl]))
             torch.testing.assert_close(out[b], mo[0], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("path", ["shared", "gpu-alone"])
+def test_sparse_budget_matches_reference_task(device, path):
+    outs, refs, _ = _run(device, True, 0.05, block=32, min_shared_volume=0 if path == "shared" else 1 << 40)
+    _check_against_reference(outs, refs, 0.05)
 
 
 def test_bad_input_is_rejected():
@@ -232,12 +237,4 @@ def test_adaptive_sharing_tries_both_devices_and_stays_exact():
     faster one runs); either way every step equals the reference."""
     outs, refs, stats = _run("cuda", True, 0.3, block=32, steps=10, min_shared_volume=0, adaptive=True)
     assert 0 < stats["cpu_alone_steps"] < 10 and stats["gpu_tasks"] > 0
-    for out, (q, ks, vs) in zip(outs, refs):
-        for b in range(2):
-            n = ks[b].shape[1]
-            ro, rl = R.retrieval_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]),
-                                           torch.full((1, 8), 0.3), torch.full((1, 2), 32, dtype=torch.int32),
-                                           64, 256, 64 ** -0.5)
-            wo, wl = R.window_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([n]), 64, 256, 64 ** -0.5)
-            mo, _ = R.merge_states(torch.stack([ro, wo]), torch.stack([rl, wl]))
-            torch.testing.assert_close(out[b], mo[0], atol=1e-4, rtol=1e-3)
+    _check_against_reference(outs, refs, 0.3)
