@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -83,17 +84,30 @@ class ColdCache:
         self.buf = torch.ones(2 * llc_bytes() // 4, dtype=torch.float32)
         self.threads = os.cpu_count() or 1
 
+    def flush(self, threads: int) -> None:
+        """Evicts the caches (reads the buffer on every core), then leaves `threads` threads set for the call."""
+        torch.set_num_threads(self.threads)
+        self.buf.sum()
+        torch.set_num_threads(threads)
+
     def median(self, fn, threads: int, min_run_time: float, min_reps: int = 15, max_reps: int = 400) -> float:
-        times: list[float] = []
-        while len(times) < min_reps or (sum(times) < min_run_time and len(times) < max_reps):
-            torch.set_num_threads(self.threads)
-            self.buf.sum()
-            torch.set_num_threads(threads)
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        times.sort()
-        return times[len(times) // 2]
+        return statistics.median(self.interleaved({"fn": fn}, threads, min_run_time, min_reps, max_reps)["fn"])
+
+    def interleaved(self, fns: dict, threads: int, min_run_time: float, min_reps: int = 15,
+                    max_reps: int = 400) -> dict:
+        """Seconds of each call of fns (name -> callable), each from a cold cache, the calls taking turns rep by
+        rep: on a host whose speed drifts, rep i of every fn saw about the same host, so per-rep ratios between
+        them hold where ratios of medians taken minutes apart do not. Returns name -> list of seconds."""
+        times: dict = {name: [] for name in fns}
+        while True:
+            reps = len(next(iter(times.values())))
+            if reps >= max_reps or (reps >= min_reps and sum(sum(v) for v in times.values()) >= min_run_time):
+                return times
+            for name, fn in fns.items():
+                self.flush(threads)
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
 
 
 def huge_page_share(tensor: torch.Tensor) -> float | None:

@@ -301,6 +301,31 @@ def test_stream_read_checksum(threads, simd):
         fluxion._C.stream_read(b"x" * 64, threads)
 
 
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_scatter_read_checksum(threads, simd):
+    """The scattered-read probe reads each listed run once (runs far enough apart that some are prefetched ahead,
+    some listed twice): its checksum is the int64 sum of those runs, mod 2^64."""
+    g = torch.Generator().manual_seed(8)
+    buf = torch.randint(-2**62, 2**62, (2**17,), generator=g, dtype=torch.int64)
+    run = 1024  # bytes: 128 int64
+    offsets = torch.tensor([0, 3072, 3072, 8192, 65536, 1048576 - run, 20480, 40960], dtype=torch.int64)
+    want = sum(int(buf[o // 8:(o + run) // 8].sum()) for o in offsets.tolist()) % 2**64
+    n = torch.get_num_threads()
+    assert fluxion._C.scatter_read(buf, offsets, run, threads) == want
+    assert torch.get_num_threads() == n
+    assert fluxion._C.scatter_read(buf, offsets[:0], run, threads) == 0
+    with pytest.raises(ValueError, match=r"offsets\[1\] = 1048064 is not a 64-byte aligned run start"):
+        fluxion._C.scatter_read(buf, torch.tensor([0, 1048576 - 512]), run, threads)
+    with pytest.raises(ValueError, match="offsets\\[0\\] = 8 is not a 64-byte aligned"):
+        fluxion._C.scatter_read(buf, torch.tensor([8]), run, threads)
+    with pytest.raises(ValueError, match="run_bytes must be a positive multiple of 256, got 100"):
+        fluxion._C.scatter_read(buf, offsets, 100, threads)
+    with pytest.raises(ValueError, match="offsets must be a contiguous 1-D int64 CPU tensor"):
+        fluxion._C.scatter_read(buf, offsets.int(), run, threads)
+    with pytest.raises(ValueError, match="contiguous CPU tensor"):
+        fluxion._C.scatter_read(buf.view(-1, 8)[:, :4], offsets, run, threads)
+
+
 def test_set_simd_level_rejects_unknown_names():
     before = fluxion._C.simd_level()
     with pytest.raises(ValueError, match=r"simd level must be one of scalar, avx2, avx512, avx512_bf16, avx512_amx, got 'sse'"):

@@ -1,16 +1,18 @@
 // fluxion._C: a Python module that only loads the op library, plus a few tiny functions: the SIMD level,
-// ATen's parallel settings, a streaming-read probe for the benchmarks and the window_attention CUDA kernel
+// ATen's parallel settings, streaming- and scattered-read probes for the benchmarks and the window_attention CUDA kernel
 // choice (no pybind11: ops and classes are registered with the dispatcher when this library loads).
 #include <Python.h>
 
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
 #include <string>
 
 #include "core/cpu/kernels.h"
+#include "core/cpu/retrieval.h"
 #ifdef FLUXION_WITH_CUDA
 #include "core/cuda/window.cuh"
 #endif
@@ -112,6 +114,71 @@ PyObject* stream_read(PyObject*, PyObject* args) {
   return PyLong_FromUnsignedLongLong(total.load());
 }
 
+// scatter_read(tensor, offsets, run_bytes, threads=0) -> int: reads the runs [offsets[i], offsets[i] + run_bytes)
+// of a contiguous CPU tensor once, the way the retrieval kernels read selected blocks: each worker takes a
+// contiguous range of runs (offsets: int64 byte offsets, ascending) and, a quarter run at a time, prefetches
+// into L2 the run core::cpu::prefetch_bytes ahead while it reads one. Returns a checksum. The benchmarks time
+// it for the bandwidth ceiling of that access pattern (scattered runs cost a core more than a stream: its
+// hardware prefetchers do not run ahead across them).
+PyObject* scatter_read(PyObject*, PyObject* args) {
+  PyObject *obj = nullptr, *off_obj = nullptr;
+  long long run_bytes = 0;
+  int threads = 0;
+  if (!PyArg_ParseTuple(args, "OOL|i", &obj, &off_obj, &run_bytes, &threads)) return nullptr;
+  if (!THPVariable_Check(obj) || !THPVariable_Check(off_obj)) {
+    PyErr_SetString(PyExc_TypeError, "scatter_read: tensor and offsets must be torch.Tensors");
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  const at::Tensor& offsets = THPVariable_Unpack(off_obj);
+  if (!t.device().is_cpu() || !t.is_contiguous()) {
+    PyErr_SetString(PyExc_ValueError, "scatter_read: tensor must be a contiguous CPU tensor");
+    return nullptr;
+  }
+  if (run_bytes <= 0 || run_bytes % 256 != 0) {
+    PyErr_Format(PyExc_ValueError, "scatter_read: run_bytes must be a positive multiple of 256, got %lld", run_bytes);
+    return nullptr;
+  }
+  if (offsets.scalar_type() != at::kLong || offsets.dim() != 1 || !offsets.device().is_cpu() || !offsets.is_contiguous()) {
+    PyErr_SetString(PyExc_ValueError, "scatter_read: offsets must be a contiguous 1-D int64 CPU tensor");
+    return nullptr;
+  }
+  const int64_t n = offsets.numel(), limit = int64_t(t.nbytes()) - run_bytes;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (off[i] < 0 || off[i] > limit || off[i] % 64 != 0) {
+      PyErr_Format(PyExc_ValueError, "scatter_read: offsets[%lld] = %lld is not a 64-byte aligned run start inside the "
+                   "tensor's %lld bytes", (long long)i, (long long)off[i], (long long)t.nbytes());
+      return nullptr;
+    }
+  }
+  const char* base = static_cast<const char*>(t.data_ptr());
+  const auto& kt = fluxion::core::cpu::kernels();
+  const int before = at::get_num_threads();
+  if (threads > 0) at::set_num_threads(threads);
+  const int readers = int(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n, 1)));
+  const int64_t pf_bytes = fluxion::core::cpu::prefetch_bytes(readers);
+  const int64_t ahead = pf_bytes == 0 ? 0 : std::max<int64_t>(1, (pf_bytes + run_bytes - 1) / run_bytes);
+  const int64_t quarter = run_bytes / 4;
+  std::atomic<uint64_t> total{0};
+  Py_BEGIN_ALLOW_THREADS
+  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+    uint64_t sum = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const char* next = ahead > 0 && i + ahead < end ? base + off[i + ahead] : nullptr;
+      for (int64_t q = 0; q < 4; ++q) {
+        if (next)
+          for (int64_t b = q * quarter; b < (q + 1) * quarter; b += 64) __builtin_prefetch(next + b, 0, 1);
+        sum += kt.stream_sum(base + off[i] + q * quarter, quarter);
+      }
+    }
+    total.fetch_add(sum, std::memory_order_relaxed);
+  });
+  Py_END_ALLOW_THREADS
+  if (threads > 0) at::set_num_threads(before);
+  return PyLong_FromUnsignedLongLong(total.load());
+}
+
 PyMethodDef kMethods[] = {
     {"simd_level", simd_level, METH_NOARGS, "SIMD level the CPU kernels use now."},
     {"simd_supported", simd_supported, METH_NOARGS, "SIMD levels this CPU supports."},
@@ -123,6 +190,9 @@ PyMethodDef kMethods[] = {
     {"stream_read", stream_read, METH_VARARGS,
      "stream_read(tensor, threads=0) -> checksum: one SIMD streaming read of a contiguous CPU tensor on `threads` "
      "workers of ATen's pool (0: the current count)."},
+    {"scatter_read", scatter_read, METH_VARARGS,
+     "scatter_read(tensor, offsets, run_bytes, threads=0) -> checksum: one read of each run [offsets[i], offsets[i] + "
+     "run_bytes) of a contiguous CPU tensor, prefetched as the retrieval kernels prefetch selected blocks."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_C", "Fluxion op library (ops live under torch.ops.fluxion).", -1,

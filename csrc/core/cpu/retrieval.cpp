@@ -42,22 +42,6 @@ int64_t attend_item_bytes(int64_t total, int threads) {
   return std::clamp<int64_t>(total / (16 * int64_t(std::max(threads, 1))), int64_t(32) << 10, int64_t(2) << 20);
 }
 
-// How far ahead the kernels prefetch, in bytes of the runs they read next, when `threads` threads read at once
-// (FLUXION_PREFETCH_BYTES overrides it, for tuning; 0 turns prefetching off). A lone core is bound by the
-// latency of its reads and gains from prefetching far ahead; many cores together fill the memory system, and
-// deep prefetching then only adds traffic. Measured on the H200 box's CPU (budget 0.05, block 16, 128K; the
-// CPU task's GB/s): 1 thread 7.0 with 16 KiB, 8.2-8.9 with 64-128 KiB; 2 threads 12.4 (64 KiB), 14.1 (32 KiB);
-// 8 threads 41.6 (32 KiB), 37.4 (128 KiB); 14 threads 74.7 (16 KiB), 58.8 (64 KiB).
-int64_t prefetch_bytes(int threads) {
-  static const int64_t forced = [] {
-    const char* env = std::getenv("FLUXION_PREFETCH_BYTES");
-    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(-1);
-  }();
-  if (forced >= 0) return forced;
-  if (threads == 1) return int64_t(64) << 10;
-  return threads > 0 && threads <= 8 ? int64_t(32) << 10 : int64_t(16) << 10;
-}
-
 // Runs ahead to prefetch for runs of `run_bytes`: at least one when prefetching is on.
 int64_t runs_ahead(int64_t run_bytes, int threads) {
   const int64_t b = prefetch_bytes(threads);
@@ -95,6 +79,20 @@ void grow(std::vector<T>& v, int64_t n) {
 }
 
 }  // namespace
+
+// A lone core is bound by the latency of its reads and gains from prefetching far ahead; many cores together
+// fill the memory system, and deep prefetching then only adds traffic. Measured on the H200 box's CPU (budget 0.05, block 16, 128K; the
+// CPU task's GB/s): 1 thread 7.0 with 16 KiB, 8.2-8.9 with 64-128 KiB; 2 threads 12.4 (64 KiB), 14.1 (32 KiB);
+// 8 threads 41.6 (32 KiB), 37.4 (128 KiB); 14 threads 74.7 (16 KiB), 58.8 (64 KiB).
+int64_t prefetch_bytes(int threads) {
+  static const int64_t forced = [] {
+    const char* env = std::getenv("FLUXION_PREFETCH_BYTES");
+    return env ? std::max<int64_t>(0, std::atoll(env)) : int64_t(-1);
+  }();
+  if (forced >= 0) return forced;
+  if (threads == 1) return int64_t(64) << 10;
+  return threads > 0 && threads <= 8 ? int64_t(32) << 10 : int64_t(16) << 10;
+}
 
 void for_each_dynamic(const Executor& ex, int64_t n, const std::function<void(int64_t, int)>& fn) {
   if (n <= 0) return;

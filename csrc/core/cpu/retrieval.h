@@ -51,6 +51,10 @@ struct PhaseTimes {
 void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, const GroupTask* tasks, int64_t n,
                      const Executor& ex, PhaseTimes* times = nullptr);
 
+// How far ahead the kernels prefetch, in bytes of the runs they read next, when `threads` threads read the
+// store at once (FLUXION_PREFETCH_BYTES overrides it; 0 turns prefetching off).
+int64_t prefetch_bytes(int threads);
+
 // ---- building blocks ----
 
 // Owns the prepared forms of one group's queries.
