@@ -272,6 +272,33 @@ def test_threads_do_not_change_results():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_oversubscribed_threads_match_reference():
+    """Scoring, top-k and the union share one parallel phase in which a top-k waits for its task's last score
+    chunk and a union for its task's last top-k; the attention and the merges share another. With more threads
+    than cores (waiting threads yield to working ones) and tasks of very different sizes, every run must still
+    equal the reference, bit for bit between runs."""
+    lens = [3000, 700, 1, 1900]
+    store, seqs, q, k, v = build(4, 16, 2, lens, 64, torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    budgets = torch.rand(4, 16, generator=g) * 0.3
+    budgets[0, :8] = 1.0  # one task whose heads take every block: no scores, its top-k does not wait
+    budgets[3, 8:] = 0.0  # one task with nothing to select
+    block_sizes = torch.tensor([[16, 32], [16, 128], [64, 16], [32, 16]], dtype=torch.int32)
+    args = dict(**store.layer_args(0, seqs), budgets=budgets, block_sizes=block_sizes)
+    ro, rl = R.retrieval_attention(q, k, v, torch.tensor(lens), budgets, block_sizes, SINK, LOCAL, 64 ** -0.5)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(8)
+        runs = [fluxion.retrieval_attention(q, **args) for _ in range(6)]
+    finally:
+        torch.set_num_threads(n)
+    for out, lse, nbytes in runs:
+        torch.testing.assert_close(out, ro, atol=ATOL, rtol=RTOL)
+        torch.testing.assert_close(lse, rl, atol=ATOL, rtol=RTOL)
+        assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1]) and torch.equal(nbytes, runs[0][2])
+    assert torch.isinf(runs[0][1][3, 8:]).all() and int(runs[0][2][3, 1]) == 0
+
+
 def test_error_vs_same_dtype_torch_attention():
     """flash-attention's rule: our error vs fp32 <= 2x the error of a bf16 PyTorch implementation."""
     d, n = 128, 2048

@@ -6,6 +6,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <atomic>
+#include <memory>
+#include <thread>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -372,48 +374,72 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   // A few microseconds per task (the AMX tiles): worth spreading over the threads when a layer has many tasks.
   for_each_dynamic(ex, n, [&](int64_t t, int) { queries[size_t(t)] = cs.query[size_t(t)].prepare(tasks[t].q, G, D, cfg.scale); });
 
-  // 1. Scores, in chunks of candidate blocks.
+  // 1-3. Scores in chunks of candidate blocks, then top-k per (task, head), then the union of each task's
+  // selections, as one parallel phase: items are handed out in this order, and a top-k item waits for its task's
+  // last score chunk (a union item for its task's last top-k) instead of for the whole phase. A waited-for item
+  // was handed out earlier to a thread that is working on it, so nothing waits for an idle thread; the top-k and
+  // union of early tasks run while the last score chunks are read, and two barriers go (with 15 threads each
+  // costs a fork/join and the idle tail of the phase before it).
   const auto t_score = Clock::now();
   const int score_readers = readers(ex, int64_t(score_items.size()));
-  for_each_dynamic(ex, int64_t(score_items.size()), [&](int64_t i, int) {
-    const auto [t, c] = score_items[size_t(i)];
-    const Plan& p = plans[t];
-    const int64_t begin = p.range.block_begin + c;
-    const int64_t end = std::min(begin / score_chunk * score_chunk + score_chunk, p.range.block_end);
-    score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
-                 &scores[size_t(p.score_off + c)], p.ncand, p.range.block_end, score_readers);
-  });
-
-  const auto t_scored = Clock::now();
-
-  // 2. Top-k per (task, head).
   const size_t workers = size_t(std::max(ex.num_threads, 1));
   if (cs.per_worker.size() < workers) cs.per_worker.resize(workers);
-  for_each_dynamic(ex, n * G, [&](int64_t i, int w) {
-    const int64_t t = i / G;
-    const int h = int(i % G);
-    Plan& p = plans[t];
-    if (p.k[h] == 0) return;
-    int64_t off = p.sel_off;
-    for (int hh = 0; hh < h; ++hh) off += p.k[hh];
-    if (!p.scored) {  // k == ncand: every candidate
-      std::iota(&sel[size_t(off)], &sel[size_t(off)] + p.k[h], int32_t(0));
-      p.sel_count[h] = p.k[h];
+  const int64_t n_score = int64_t(score_items.size()), n_topk = n * G;
+  std::vector<int64_t> chunks_left(static_cast<size_t>(n), 0);
+  for (const auto& item : score_items) ++chunks_left[size_t(item.first)];
+  std::unique_ptr<std::atomic<int64_t>[]> chunks_pending(new std::atomic<int64_t>[size_t(n)]);
+  std::unique_ptr<std::atomic<int>[]> heads_pending(new std::atomic<int>[size_t(n)]);
+  for (int64_t t = 0; t < n; ++t) {
+    chunks_pending[size_t(t)].store(chunks_left[size_t(t)], std::memory_order_relaxed);
+    heads_pending[size_t(t)].store(G, std::memory_order_relaxed);
+  }
+  std::atomic<int64_t> score_items_left{n_score}, topk_items_left{n_topk};
+  std::atomic<int64_t> scored_at{0}, topk_at{0};  // ns since t_score at which the last score / top-k item ended
+  auto since_score = [&] { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t_score).count(); };
+  auto wait_for = [](const auto& pending) {
+    while (pending.load(std::memory_order_acquire) != 0) std::this_thread::yield();
+  };
+  for_each_dynamic(ex, n_score + n_topk + n, [&](int64_t i, int w) {
+    if (i < n_score) {
+      const auto [t, c] = score_items[size_t(i)];
+      const Plan& p = plans[t];
+      const int64_t begin = p.range.block_begin + c;
+      const int64_t end = std::min(begin / score_chunk * score_chunk + score_chunk, p.range.block_end);
+      score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
+                   &scores[size_t(p.score_off + c)], p.ncand, p.range.block_end, score_readers);
+      chunks_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel);
+      if (score_items_left.fetch_sub(1, std::memory_order_acq_rel) == 1) scored_at.store(since_score());
       return;
     }
-    p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)], cs.per_worker[size_t(w)].topk);
-  });
-
-  const auto t_topk = Clock::now();
-
-  // 3. Union of the heads' selections per task, with a head mask per block; split into work items.
-  for_each_dynamic(ex, n, [&](int64_t t, int w) {
+    if (i < n_score + n_topk) {  // top-k of head h of task t
+      const int64_t t = (i - n_score) / G;
+      const int h = int((i - n_score) % G);
+      Plan& p = plans[t];
+      if (p.k[h] > 0) {
+        int64_t off = p.sel_off;
+        for (int hh = 0; hh < h; ++hh) off += p.k[hh];
+        if (!p.scored) {  // k == ncand: every candidate
+          std::iota(&sel[size_t(off)], &sel[size_t(off)] + p.k[h], int32_t(0));
+          p.sel_count[h] = p.k[h];
+        } else {
+          wait_for(chunks_pending[size_t(t)]);
+          p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)],
+                                       cs.per_worker[size_t(w)].topk);
+        }
+      }
+      heads_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel);
+      if (topk_items_left.fetch_sub(1, std::memory_order_acq_rel) == 1) topk_at.store(since_score());
+      return;
+    }
+    // The union of task t's selections, with a head mask per block.
+    const int64_t t = i - n_score - n_topk;
+    wait_for(heads_pending[size_t(t)]);
     Plan& p = plans[t];
     std::vector<uint64_t>& mark = cs.per_worker[size_t(w)].mark;
     mark.assign(size_t(p.ncand), 0);
     int64_t off = p.sel_off;
     for (int h = 0; h < G; ++h) {
-      for (int64_t i = 0; i < p.sel_count[h]; ++i) mark[size_t(sel[size_t(off + i)])] |= uint64_t(1) << h;
+      for (int64_t j = 0; j < p.sel_count[h]; ++j) mark[size_t(sel[size_t(off + j)])] |= uint64_t(1) << h;
       off += p.k[h];
     }
     // Branchless compaction: about a fifth of the candidates are chosen, at random, so a branch would miss.
@@ -428,6 +454,9 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     p.blocks.resize(size_t(c));
     p.masks.resize(size_t(c));
   });
+  const auto t_scored = t_score + std::chrono::nanoseconds(scored_at.load());
+  const auto t_topk = t_score + std::chrono::nanoseconds(std::max(scored_at.load(), topk_at.load()));
+
   std::vector<std::pair<int64_t, int64_t>> items;  // (task, first union index)
   int64_t union_bytes = 0;
   for (int64_t t = 0; t < n; ++t) union_bytes += int64_t(plans[t].blocks.size()) * 2 * tasks[t].block_size * D * eb;
@@ -446,12 +475,31 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
 
   const auto t_selected = Clock::now();
 
-  // 4. Attention over chunks of the union: partial states (out, lse) per item.
+  // 4-5. Attention over chunks of the union, a partial state (out, lse) per item; the thread that finishes a
+  // task's last item merges that task's partial states (no barrier between the two).
   const int attend_readers = readers(ex, int64_t(items.size()));
   grow(cs.part_out, int64_t(items.size()) * GD);
   grow(cs.part_lse, int64_t(items.size()) * G);
   float* part_out = cs.part_out.data();
   float* part_lse = cs.part_lse.data();
+  std::unique_ptr<std::atomic<int64_t>[]> items_pending(new std::atomic<int64_t>[size_t(n)]);
+  for (int64_t t = 0; t < n; ++t)
+    items_pending[size_t(t)].store(plans[t].item_end - plans[t].item_begin, std::memory_order_relaxed);
+  auto merge_task = [&](int64_t t) {
+    const Plan& p = plans[t];
+    const int S = int(p.item_end - p.item_begin);
+    for (int h = 0; h < G; ++h) {
+      if (S == 0) {
+        std::fill(tasks[t].out + int64_t(h) * D, tasks[t].out + int64_t(h + 1) * D, 0.f);
+        tasks[t].lse[h] = kNegInf;
+        continue;
+      }
+      merge_states_one(&part_out[size_t(p.item_begin * GD + h * D)], &part_lse[size_t(p.item_begin * G + h)], S, GD, G,
+                       D, tasks[t].out + int64_t(h) * D, tasks[t].lse + h);
+    }
+  };
+  for (int64_t t = 0; t < n; ++t)
+    if (plans[t].item_end == plans[t].item_begin) merge_task(t);  // nothing selected: out 0, lse -inf
   for_each_dynamic(ex, int64_t(items.size()), [&](int64_t i, int w) {
     const auto [t, first] = items[size_t(i)];
     const Plan& p = plans[t];
@@ -466,21 +514,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
                   &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st,
                   int64_t(p.blocks.size()) - first, attend_readers);
     finalize_state(st, G, D, &part_out[size_t(i * GD)], &part_lse[size_t(i * G)]);
-  });
-
-  // 5. Merge each task's partial states.
-  for_each_dynamic(ex, n, [&](int64_t t, int) {
-    const Plan& p = plans[t];
-    const int S = int(p.item_end - p.item_begin);
-    for (int h = 0; h < G; ++h) {
-      if (S == 0) {
-        std::fill(tasks[t].out + int64_t(h) * D, tasks[t].out + int64_t(h + 1) * D, 0.f);
-        tasks[t].lse[h] = kNegInf;
-        continue;
-      }
-      merge_states_one(&part_out[size_t(p.item_begin * GD + h * D)], &part_lse[size_t(p.item_begin * G + h)], S, GD, G,
-                       D, tasks[t].out + int64_t(h) * D, tasks[t].lse + h);
-    }
+    if (items_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_task(t);
   });
   if (times) {
     times->select_s += std::chrono::duration<double>(t_selected - t_start).count();
