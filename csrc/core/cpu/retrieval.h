@@ -41,8 +41,9 @@ struct GroupTask {
 // Wall time of run_group_tasks' phases, added to (for per-step statistics).
 struct PhaseTimes {
   double select_s = 0;  // scoring the metadata, per-head top-k, union of the selections
-  double score_s = 0;   // of select_s: the scoring phase
-  double topk_s = 0;    // of select_s: the top-k phase
+  // Scoring, top-k and the union share one parallel phase (a task's top-k starts once its own scores are done):
+  double score_s = 0;   // of select_s: until the last score chunk finished
+  double topk_s = 0;    // of select_s: from then until the last top-k finished
   double attend_s = 0;  // attention over the selected blocks, merge of the partial states
 };
 
