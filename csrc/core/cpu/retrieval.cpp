@@ -385,14 +385,14 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   const size_t workers = size_t(std::max(ex.num_threads, 1));
   if (cs.per_worker.size() < workers) cs.per_worker.resize(workers);
   const int64_t n_score = int64_t(score_items.size()), n_topk = n * G;
-  std::vector<int64_t> chunks_left(static_cast<size_t>(n), 0);
-  for (const auto& item : score_items) ++chunks_left[size_t(item.first)];
+  // Per task: score chunks not yet done, heads whose top-k is not yet done.
   std::unique_ptr<std::atomic<int64_t>[]> chunks_pending(new std::atomic<int64_t>[size_t(n)]);
   std::unique_ptr<std::atomic<int>[]> heads_pending(new std::atomic<int>[size_t(n)]);
   for (int64_t t = 0; t < n; ++t) {
-    chunks_pending[size_t(t)].store(chunks_left[size_t(t)], std::memory_order_relaxed);
+    chunks_pending[size_t(t)].store(0, std::memory_order_relaxed);
     heads_pending[size_t(t)].store(G, std::memory_order_relaxed);
   }
+  for (const auto& item : score_items) chunks_pending[size_t(item.first)].fetch_add(1, std::memory_order_relaxed);
   std::atomic<int64_t> score_items_left{n_score}, topk_items_left{n_topk};
   std::atomic<int64_t> scored_at{0}, topk_at{0};  // ns since t_score at which the last score / top-k item ended
   auto since_score = [&] { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t_score).count(); };
