@@ -83,9 +83,9 @@ void grow(std::vector<T>& v, int64_t n) {
 }  // namespace
 
 // A lone core is bound by the latency of its reads and gains from prefetching far ahead; many cores together
-// fill the memory system, and deep prefetching then only adds traffic. Measured on the H200 box's CPU (budget 0.05, block 16, 128K; the
-// CPU task's GB/s): 1 thread 7.0 with 16 KiB, 8.2-8.9 with 64-128 KiB; 2 threads 12.4 (64 KiB), 14.1 (32 KiB);
-// 8 threads 41.6 (32 KiB), 37.4 (128 KiB); 14 threads 74.7 (16 KiB), 58.8 (64 KiB).
+// fill the memory system, and deep prefetching then only adds traffic. Measured on the H200 box's CPU (budget
+// 0.05, block 16, 128K; the CPU task's GB/s): 1 thread 7.0 with 16 KiB, 8.2-8.9 with 64-128 KiB; 2 threads 12.4
+// (64 KiB), 14.1 (32 KiB); 8 threads 41.6 (32 KiB), 37.4 (128 KiB); 14 threads 74.7 (16 KiB), 58.8 (64 KiB).
 int64_t prefetch_bytes(int threads) {
   static const int64_t forced = [] {
     const char* env = std::getenv("FLUXION_PREFETCH_BYTES");
