@@ -300,6 +300,7 @@ def main(argv=None) -> int:
                both_read_gbps=both["total"] if both else None)
     rows = []
     floors = {}
+    host_prev = host_bw  # the streaming read measured last (see the rooflines below)
     if "graph-floor" in a.modes and a.device.startswith("cuda"):
         for b in a.batch:
             floors[b] = graph_floor(model, b, a.floor_context, a)
@@ -332,16 +333,24 @@ def main(argv=None) -> int:
                 p50, p99 = statistics.median(times), pct(times, 0.99)
                 per = stats.get("per_step", {}) if stats else {}
                 brk = " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in per.items() if k.endswith("_s"))
-                attn = (attention_step(mode, per, stats, host_bw, pcie_bw, p50, floors.get(b),
+                # The host's read speed drifts within minutes: a Fluxion mode's roofline uses the streaming read
+                # measured just before and just after its steps (averaged), not the one from the run's start.
+                host_mode = host_bw
+                if per:
+                    host_next = host_read_bandwidth(threads, gib=1.0, min_run_time=0.2)["ceiling"]
+                    host_mode, host_prev = (host_prev + host_next) / 2, host_next
+                attn = (attention_step(mode, per, stats, host_mode, pcie_bw, p50, floors.get(b),
                                        both["total"] if both else None, model.config.num_hidden_layers)
                         if per else {})
+                if attn:
+                    attn["host_read_gbps"] = host_mode
                 eff = (f"  | attention {attn['attention_ms']:.2f}ms"
                        f"{ATTENTION_SOURCE[attn['attention_from']]}, {attn['mb_per_step']:.0f} MB, roofline "
                        f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%} ({attn['of_both_ceiling']:.0%} of the "
                        f"both-at-once ceiling), GPU idle "
                        f"{attn['gpu_idle_ratio']:.0%}, whole-step graphs {stats.get('graph_steps', 0)}/"
                        f"{stats.get('decode_steps', 0)} steps, CPU-alone layer steps "
-                       f"{stats.get('cpu_alone_steps', 0)}") if attn else ""
+                       f"{stats.get('cpu_alone_steps', 0)}, host read {host_mode:.1f} GB/s") if attn else ""
                 vs_floor = f"  ({p50 / floors[b]:.2f}x the graph floor)" if b in floors else ""
                 line = (f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
                         f"{peak / 2**30:>8.2f}{eff}{vs_floor}")
