@@ -128,16 +128,19 @@ PreparedQuery QueryScratch::prepare(const float* q, int G, int D, float scale) {
     bf16[size_t(2 * n + i)] = float_to_bf16(q[i]);
   }
   // AMX B tiles of rows of `len` elements, row(head)[j] = elem(head, j): [groups, len/32, 16, 16, 2].
+  // Columns past the last head stay zero (a group of 4 heads fills 4 of 16: the rest is written once, by the fill).
   auto tiles = [&](uint16_t* dst, int len, auto elem) {
     const int kchunks = len / 32;
-    for (int g = 0; g < groups; ++g)
+    std::fill(dst, dst + int64_t(groups) * kchunks * 512, uint16_t(0));
+    for (int head = 0; head < G; ++head) {
+      const int g = head / 16, c = head % 16;
       for (int kc = 0; kc < kchunks; ++kc)
-        for (int k = 0; k < 16; ++k)
-          for (int c = 0; c < 16; ++c)
-            for (int e = 0; e < 2; ++e) {
-              const int head = g * 16 + c, j = kc * 32 + 2 * k + e;
-              dst[((int64_t(g) * kchunks + kc) * 16 + k) * 32 + c * 2 + e] = head < G ? elem(head, j) : uint16_t(0);
-            }
+        for (int k = 0; k < 16; ++k) {
+          uint16_t* d = dst + ((int64_t(g) * kchunks + kc) * 16 + k) * 32 + c * 2;
+          d[0] = elem(head, kc * 32 + 2 * k);
+          d[1] = elem(head, kc * 32 + 2 * k + 1);
+        }
+    }
   };
   uint16_t* amx = bf16.data() + 3 * n;
   uint16_t* amx_qk = amx + bound_elems;
