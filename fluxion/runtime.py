@@ -561,9 +561,10 @@ class HybridAttentionRuntime:
         each device); per_step: the same per decode step; store: the host store's memory accounting.
         With decode_backend='cpp' (the default) retrieval_cpu_s / retrieval_gpu_s give way to the C++ step's
         retrieval_s (host time of the retrieval phase), cpu_busy_s (the CPU side's batches, wall time; split
-        into cpu_select_s = scoring + top-k + union, of which cpu_score_s runs until the last score chunk is done
-        and cpu_topk_s from then until the last top-k is (the three overlap in one parallel phase), and
-        cpu_attend_s = attention + merge), gpu_busy_s
+        at the moments the last item of a phase ended, since a task's next phase starts as soon as its own
+        previous one is done: cpu_select_s = until the last union (scoring + top-k + union), of which cpu_score_s
+        until the last score chunk and cpu_topk_s from then until the last top-k; cpu_attend_s = the attention and
+        merges left after the last union), gpu_busy_s
         (GPU batches of shared steps from launch to completion), step_s, model_wait_s (the part of step_s and append_s
         a shared step spent waiting for its q, i.e. for the model's own GPU work before the layer's attention),
         plan_s (planning each layer step, uploading its plan, launching the window append),

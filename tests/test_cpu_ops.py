@@ -273,10 +273,10 @@ def test_threads_do_not_change_results():
 
 
 def test_oversubscribed_threads_match_reference():
-    """Scoring, top-k and the union share one parallel phase in which a top-k waits for its task's last score
-    chunk and a union for its task's last top-k; the attention and the merges share another. With more threads
-    than cores (waiting threads yield to working ones) and tasks of very different sizes, every run must still
-    equal the reference, bit for bit between runs."""
+    """A layer's scoring, top-k, union, attention and merges share one parallel phase in which a top-k waits for
+    its task's last score chunk, a union for its task's last top-k and an attention item for its task's union.
+    With more threads than cores (waiting threads yield to working ones) and tasks of very different sizes, every
+    run must still equal the reference, bit for bit between runs."""
     lens = [3000, 700, 1, 1900]
     store, seqs, q, k, v = build(4, 16, 2, lens, 64, torch.bfloat16)
     g = torch.Generator().manual_seed(9)

@@ -323,7 +323,8 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
     std::vector<int64_t> sel_count;
     std::vector<int32_t> blocks;  // union of the heads' selections, absolute block ids, ascending
     std::vector<uint64_t> masks;
-    int64_t item_begin = 0, item_end = 0, per_item = 1;  // attention work items: [begin, end), blocks each
+    int64_t max_blocks = 0;                              // the most blocks the union can hold
+    int64_t item_begin = 0, item_end = 0, per_item = 1;  // attention item slots: [begin, end), blocks each
   };
   std::vector<Plan> plans(static_cast<size_t>(n));
   int64_t score_total = 0, sel_total = 0;
@@ -377,32 +378,85 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   // A few microseconds per task (the AMX tiles): worth spreading over the threads when a layer has many tasks.
   for_each_dynamic(ex, n, [&](int64_t t, int) { queries[size_t(t)] = cs.query[size_t(t)].prepare(tasks[t].q, G, D, cfg.scale); });
 
-  // 1-3. Scores in chunks of candidate blocks, then top-k per (task, head), then the union of each task's
-  // selections, as one parallel phase: items are handed out in this order, and a top-k item waits for its task's
-  // last score chunk (a union item for its task's last top-k) instead of for the whole phase. A waited-for item
-  // was handed out earlier to a thread that is working on it, so nothing waits for an idle thread; the top-k and
-  // union of early tasks run while the last score chunks are read, and two barriers go (with 15 threads each
-  // costs a fork/join and the idle tail of the phase before it).
-  const auto t_score = Clock::now();
-  const int score_readers = readers(ex, int64_t(score_items.size()));
+  // The attention's work items: chunks of per_item blocks of a task's union. A union is known only once its
+  // top-k is done, so each task gets item slots for the most its union can hold (every candidate, or the sum of
+  // its heads' k if smaller); the slots past the union's end stay empty. Items are sized from that bound, about
+  // 16 per thread.
+  int64_t bound_bytes = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    Plan& p = plans[t];
+    p.max_blocks = std::min(p.ncand, std::accumulate(p.k.begin(), p.k.end(), int64_t(0)));
+    bound_bytes += p.max_blocks * 2 * tasks[t].block_size * D * eb;
+  }
+  const int64_t attend_chunk = attend_item_bytes(bound_bytes, ex.num_threads);
+  int64_t n_slots = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    Plan& p = plans[t];
+    p.per_item = std::max<int64_t>(1, attend_chunk / (2 * tasks[t].block_size * D * eb));
+    p.item_begin = n_slots;
+    n_slots += (p.max_blocks + p.per_item - 1) / p.per_item;
+    p.item_end = n_slots;
+  }
+  std::vector<int32_t> slot_task(static_cast<size_t>(n_slots));
+  for (int64_t t = 0; t < n; ++t)
+    std::fill(slot_task.begin() + plans[t].item_begin, slot_task.begin() + plans[t].item_end, int32_t(t));
+  grow(cs.part_out, n_slots * GD);
+  grow(cs.part_lse, n_slots * G);
+  float* part_out = cs.part_out.data();
+  float* part_lse = cs.part_lse.data();
   const size_t workers = size_t(std::max(ex.num_threads, 1));
   if (cs.per_worker.size() < workers) cs.per_worker.resize(workers);
+  // A task's merge of its items' partial states (none: out 0, lse -inf).
+  auto merge_task = [&](int64_t t) {
+    const Plan& p = plans[t];
+    const int S = int((int64_t(p.blocks.size()) + p.per_item - 1) / p.per_item);
+    for (int h = 0; h < G; ++h) {
+      if (S == 0) {
+        std::fill(tasks[t].out + int64_t(h) * D, tasks[t].out + int64_t(h + 1) * D, 0.f);
+        tasks[t].lse[h] = kNegInf;
+        continue;
+      }
+      merge_states_one(&part_out[size_t(p.item_begin * GD + h * D)], &part_lse[size_t(p.item_begin * G + h)], S, GD, G,
+                       D, tasks[t].out + int64_t(h) * D, tasks[t].lse + h);
+    }
+  };
+  for (int64_t t = 0; t < n; ++t)
+    if (plans[t].item_end == plans[t].item_begin) merge_task(t);  // nothing can be selected
+
+  // One parallel phase runs all of it. Items are handed out in this order:
+  //   1. scores, in chunks of candidate blocks;
+  //   2. top-k per (task, head), which waits for its task's last score chunk;
+  //   3. the union of each task's selections, which waits for its task's last top-k;
+  //   4. the attention item slots, task by task, each waiting for its task's union; the thread that finishes a
+  //      task's last slot merges that task.
+  // An item waited for was handed out earlier to a thread that is working on it, so nothing waits for an idle
+  // thread. A layer's work then has no barrier inside: the top-k, union and attention of early tasks run while
+  // the last score chunks are read (with 15 threads, a barrier costs a fork/join and the idle tail of the phase
+  // before it).
+  const auto t_score = Clock::now();
+  const int score_readers = readers(ex, int64_t(score_items.size()));
+  const int attend_readers = readers(ex, n_slots);
   const int64_t n_score = int64_t(score_items.size()), n_topk = n * G;
-  // Per task: score chunks not yet done, heads whose top-k is not yet done.
+  // Per task: score chunks not yet done, heads whose top-k is not yet done, union done, slots not yet done.
   std::unique_ptr<std::atomic<int64_t>[]> chunks_pending(new std::atomic<int64_t>[size_t(n)]);
   std::unique_ptr<std::atomic<int>[]> heads_pending(new std::atomic<int>[size_t(n)]);
+  std::unique_ptr<std::atomic<int>[]> union_pending(new std::atomic<int>[size_t(n)]);
+  std::unique_ptr<std::atomic<int64_t>[]> slots_pending(new std::atomic<int64_t>[size_t(n)]);
   for (int64_t t = 0; t < n; ++t) {
     chunks_pending[size_t(t)].store(0, std::memory_order_relaxed);
     heads_pending[size_t(t)].store(G, std::memory_order_relaxed);
+    union_pending[size_t(t)].store(1, std::memory_order_relaxed);
+    slots_pending[size_t(t)].store(plans[t].item_end - plans[t].item_begin, std::memory_order_relaxed);
   }
   for (const auto& item : score_items) chunks_pending[size_t(item.first)].fetch_add(1, std::memory_order_relaxed);
-  std::atomic<int64_t> score_items_left{n_score}, topk_items_left{n_topk};
-  std::atomic<int64_t> scored_at{0}, topk_at{0};  // ns since t_score at which the last score / top-k item ended
+  std::atomic<int64_t> score_items_left{n_score}, topk_items_left{n_topk}, unions_left{n};
+  // ns since t_score at which the last score chunk, the last top-k and the last union ended
+  std::atomic<int64_t> scored_at{0}, topk_at{0}, selected_at{0};
   auto since_score = [&] { return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - t_score).count(); };
   auto wait_for = [](const auto& pending) {
     while (pending.load(std::memory_order_acquire) != 0) std::this_thread::yield();
   };
-  for_each_dynamic(ex, n_score + n_topk + n, [&](int64_t i, int w) {
+  for_each_dynamic(ex, n_score + n_topk + n + n_slots, [&](int64_t i, int w) {
     if (i < n_score) {
       const auto [t, c] = score_items[size_t(i)];
       const Plan& p = plans[t];
@@ -414,9 +468,10 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
       if (score_items_left.fetch_sub(1, std::memory_order_acq_rel) == 1) scored_at.store(since_score());
       return;
     }
-    if (i < n_score + n_topk) {  // top-k of head h of task t
-      const int64_t t = (i - n_score) / G;
-      const int h = int((i - n_score) % G);
+    i -= n_score;
+    if (i < n_topk) {  // top-k of head h of task t
+      const int64_t t = i / G;
+      const int h = int(i % G);
       Plan& p = plans[t];
       if (p.k[h] > 0) {
         int64_t off = p.sel_off;
@@ -434,91 +489,59 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
       if (topk_items_left.fetch_sub(1, std::memory_order_acq_rel) == 1) topk_at.store(since_score());
       return;
     }
-    // The union of task t's selections, with a head mask per block.
-    const int64_t t = i - n_score - n_topk;
-    wait_for(heads_pending[size_t(t)]);
-    Plan& p = plans[t];
-    std::vector<uint64_t>& mark = cs.per_worker[size_t(w)].mark;
-    mark.assign(size_t(p.ncand), 0);
-    int64_t off = p.sel_off;
-    for (int h = 0; h < G; ++h) {
-      for (int64_t j = 0; j < p.sel_count[h]; ++j) mark[size_t(sel[size_t(off + j)])] |= uint64_t(1) << h;
-      off += p.k[h];
+    i -= n_topk;
+    if (i < n) {  // the union of task t's selections, with a head mask per block
+      const int64_t t = i;
+      wait_for(heads_pending[size_t(t)]);
+      Plan& p = plans[t];
+      std::vector<uint64_t>& mark = cs.per_worker[size_t(w)].mark;
+      mark.assign(size_t(p.ncand), 0);
+      int64_t off = p.sel_off;
+      for (int h = 0; h < G; ++h) {
+        for (int64_t j = 0; j < p.sel_count[h]; ++j) mark[size_t(sel[size_t(off + j)])] |= uint64_t(1) << h;
+        off += p.k[h];
+      }
+      // Branchless compaction: about a fifth of the candidates are chosen, at random, so a branch would miss.
+      p.blocks.resize(size_t(p.ncand));
+      p.masks.resize(size_t(p.ncand));
+      int64_t c = 0;
+      for (int64_t j = 0; j < p.ncand; ++j) {
+        p.blocks[size_t(c)] = int32_t(p.range.block_begin + j);
+        p.masks[size_t(c)] = mark[size_t(j)];
+        c += mark[size_t(j)] != 0;
+      }
+      p.blocks.resize(size_t(c));
+      p.masks.resize(size_t(c));
+      if (tasks[t].bytes_read)
+        *tasks[t].bytes_read = (p.scored ? p.ncand * 2 * D * eb : 0) + c * 2 * tasks[t].block_size * D * eb;
+      union_pending[size_t(t)].store(0, std::memory_order_release);
+      if (unions_left.fetch_sub(1, std::memory_order_acq_rel) == 1) selected_at.store(since_score());
+      return;
     }
-    // Branchless compaction: about a fifth of the candidates are chosen, at random, so a branch would miss.
-    p.blocks.resize(size_t(p.ncand));
-    p.masks.resize(size_t(p.ncand));
-    int64_t c = 0;
-    for (int64_t j = 0; j < p.ncand; ++j) {
-      p.blocks[size_t(c)] = int32_t(p.range.block_begin + j);
-      p.masks[size_t(c)] = mark[size_t(j)];
-      c += mark[size_t(j)] != 0;
+    // An attention item slot of task t: blocks [first, first + per_item) of its union, if it reaches that far.
+    const int64_t slot = i - n;
+    const int64_t t = slot_task[size_t(slot)];
+    wait_for(union_pending[size_t(t)]);
+    const Plan& p = plans[t];
+    const int64_t first = (slot - p.item_begin) * p.per_item;
+    if (first < int64_t(p.blocks.size())) {
+      const GroupTask& task = tasks[t];
+      const int64_t count = std::min<int64_t>(p.per_item, int64_t(p.blocks.size()) - first);
+      std::vector<float>& state = cs.per_worker[size_t(w)].state;
+      grow(state, GD + 2 * G);
+      float* s = state.data();
+      OnlineSoftmax st{s, s + G, s + 2 * G};
+      init_state(st, G, D);
+      attend_blocks(view, task.b, task.kv_head, G, task.block_size, queries[size_t(t)], &p.blocks[size_t(first)],
+                    &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st,
+                    int64_t(p.blocks.size()) - first, attend_readers);
+      finalize_state(st, G, D, &part_out[size_t(slot * GD)], &part_lse[size_t(slot * G)]);
     }
-    p.blocks.resize(size_t(c));
-    p.masks.resize(size_t(c));
+    if (slots_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_task(t);
   });
   const auto t_scored = t_score + std::chrono::nanoseconds(scored_at.load());
   const auto t_topk = t_score + std::chrono::nanoseconds(std::max(scored_at.load(), topk_at.load()));
-
-  std::vector<std::pair<int64_t, int64_t>> items;  // (task, first union index)
-  int64_t union_bytes = 0;
-  for (int64_t t = 0; t < n; ++t) union_bytes += int64_t(plans[t].blocks.size()) * 2 * tasks[t].block_size * D * eb;
-  const int64_t attend_chunk = attend_item_bytes(union_bytes, ex.num_threads);
-  for (int64_t t = 0; t < n; ++t) {
-    Plan& p = plans[t];
-    p.per_item = std::max<int64_t>(1, attend_chunk / (2 * tasks[t].block_size * D * eb));
-    p.item_begin = int64_t(items.size());
-    for (int64_t i = 0; i < int64_t(p.blocks.size()); i += p.per_item) items.emplace_back(t, i);
-    p.item_end = int64_t(items.size());
-    if (tasks[t].bytes_read) {
-      *tasks[t].bytes_read = (p.scored ? p.ncand * 2 * D * eb : 0) +
-                             int64_t(p.blocks.size()) * 2 * tasks[t].block_size * D * eb;
-    }
-  }
-
-  const auto t_selected = Clock::now();
-
-  // 4-5. Attention over chunks of the union, a partial state (out, lse) per item; the thread that finishes a
-  // task's last item merges that task's partial states (no barrier between the two).
-  const int attend_readers = readers(ex, int64_t(items.size()));
-  grow(cs.part_out, int64_t(items.size()) * GD);
-  grow(cs.part_lse, int64_t(items.size()) * G);
-  float* part_out = cs.part_out.data();
-  float* part_lse = cs.part_lse.data();
-  std::unique_ptr<std::atomic<int64_t>[]> items_pending(new std::atomic<int64_t>[size_t(n)]);
-  for (int64_t t = 0; t < n; ++t)
-    items_pending[size_t(t)].store(plans[t].item_end - plans[t].item_begin, std::memory_order_relaxed);
-  auto merge_task = [&](int64_t t) {
-    const Plan& p = plans[t];
-    const int S = int(p.item_end - p.item_begin);
-    for (int h = 0; h < G; ++h) {
-      if (S == 0) {
-        std::fill(tasks[t].out + int64_t(h) * D, tasks[t].out + int64_t(h + 1) * D, 0.f);
-        tasks[t].lse[h] = kNegInf;
-        continue;
-      }
-      merge_states_one(&part_out[size_t(p.item_begin * GD + h * D)], &part_lse[size_t(p.item_begin * G + h)], S, GD, G,
-                       D, tasks[t].out + int64_t(h) * D, tasks[t].lse + h);
-    }
-  };
-  for (int64_t t = 0; t < n; ++t)
-    if (plans[t].item_end == plans[t].item_begin) merge_task(t);  // nothing selected: out 0, lse -inf
-  for_each_dynamic(ex, int64_t(items.size()), [&](int64_t i, int w) {
-    const auto [t, first] = items[size_t(i)];
-    const Plan& p = plans[t];
-    const GroupTask& task = tasks[t];
-    const int64_t count = std::min<int64_t>(p.per_item, int64_t(p.blocks.size()) - first);
-    std::vector<float>& state = cs.per_worker[size_t(w)].state;
-    grow(state, GD + 2 * G);
-    float* s = state.data();
-    OnlineSoftmax st{s, s + G, s + 2 * G};
-    init_state(st, G, D);
-    attend_blocks(view, task.b, task.kv_head, G, task.block_size, queries[size_t(t)], &p.blocks[size_t(first)],
-                  &p.masks[size_t(first)], count, p.range.token_begin, p.range.token_end, st,
-                  int64_t(p.blocks.size()) - first, attend_readers);
-    finalize_state(st, G, D, &part_out[size_t(i * GD)], &part_lse[size_t(i * G)]);
-    if (items_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_task(t);
-  });
+  const auto t_selected = t_score + std::chrono::nanoseconds(std::max(topk_at.load(), selected_at.load()));
   if (times) {
     times->select_s += std::chrono::duration<double>(t_selected - t_start).count();
     times->score_s += std::chrono::duration<double>(t_scored - t_score).count();

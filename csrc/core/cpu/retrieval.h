@@ -39,12 +39,13 @@ struct GroupTask {
 };
 
 // Wall time of run_group_tasks' phases, added to (for per-step statistics).
+// All phases run in one parallel region, a task's next phase starting once its own previous one is done, so the
+// times are cut at the moments the last item of each phase ended.
 struct PhaseTimes {
-  double select_s = 0;  // scoring the metadata, per-head top-k, union of the selections
-  // Scoring, top-k and the union share one parallel phase (a task's top-k starts once its own scores are done):
-  double score_s = 0;   // of select_s: until the last score chunk finished
-  double topk_s = 0;    // of select_s: from then until the last top-k finished
-  double attend_s = 0;  // attention over the selected blocks, merge of the partial states
+  double select_s = 0;  // until the last union ended: query prep, scoring, per-head top-k, union of the selections
+  double score_s = 0;   // of select_s: until the last score chunk ended
+  double topk_s = 0;    // of select_s: from then until the last top-k ended
+  double attend_s = 0;  // from the last union to the end: attention and merges left (earlier tasks' overlap select_s)
 };
 
 // Runs `n` group tasks of one layer (G query heads per KV head) with dynamic load balancing over
