@@ -36,8 +36,9 @@ else
   # The reduced sweeps of BENCHMARKS.md's 2026-11-29 tables (~8 min).
   timeout 200 python3 -X faulthandler -m pytest -q -p no:cacheprovider -p no:xdist tests/test_cuda.py \
     tests/test_hybrid_runtime.py tests/test_graphs.py tests/test_opcheck.py tests/test_hf.py 2>&1 | tee "$OUT/pytest.log" | tail -5
-  timeout 60 python3 benchmarks/bench_cpu_task.py --contexts 131072 --budgets 0.05 --block-sizes 16 32 64 \
-    --threads 1 15 --layers 3 --min-run-time 0.15 --pin --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"
+  timeout 90 python3 benchmarks/bench_cpu_task.py --contexts 131072 --budgets 0.05 --block-sizes 16 \
+    --threads 1 14 15 --layers 3 --min-run-time 0.15 --pin --out "$OUT/bench_cpu_task.json" 2>&1 | tee "$OUT/bench_cpu_task.txt"
+  timeout 120 python3 benchmarks/bench_cpu_paths.py --threads 15 --layers 6 2>&1 | tee "$OUT/bench_cpu_paths.txt"
   timeout 150 python3 benchmarks/bench_gpu.py --sections h2d retrieval tasks window concurrent \
     --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
   timeout 100 $D --model llama3-8b --contexts 1024 --batch 1 --modes graph-floor fluxion full \
