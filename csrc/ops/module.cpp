@@ -81,6 +81,31 @@ PyObject* set_window_kernel(PyObject*, PyObject* arg) {
 
 PyObject* parallel_info(PyObject*, PyObject*) { return PyUnicode_FromString(at::get_parallel_info().c_str()); }
 
+// The probes' tensor argument: a contiguous CPU tensor (nullptr with the Python error set otherwise).
+const at::Tensor* cpu_tensor_arg(PyObject* obj, const char* fn, const char* what) {
+  if (!THPVariable_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "%s: %s must be a torch.Tensor", fn, what);
+    return nullptr;
+  }
+  const at::Tensor& t = THPVariable_Unpack(obj);
+  if (!t.device().is_cpu() || !t.is_contiguous()) {
+    PyErr_Format(PyExc_ValueError, "%s: %s must be a contiguous CPU tensor", fn, what);
+    return nullptr;
+  }
+  return &t;
+}
+
+// ATen's thread count set to `threads` (0: left as it is) for the scope, then restored.
+struct ThreadCount {
+  int before = at::get_num_threads(), threads;
+  explicit ThreadCount(int n) : threads(n) {
+    if (threads > 0) at::set_num_threads(threads);
+  }
+  ~ThreadCount() {
+    if (threads > 0) at::set_num_threads(before);
+  }
+};
+
 // stream_read(tensor, threads=0) -> int: reads every byte of a contiguous CPU tensor once with the widest
 // SIMD loads (KernelTable::stream_sum), each of `threads` workers of ATen's pool (0: the current count)
 // streaming one contiguous slice; returns a checksum (the sum of its 64-bit words mod 2^64) so the reads
@@ -89,20 +114,16 @@ PyObject* stream_read(PyObject*, PyObject* args) {
   PyObject* obj = nullptr;
   int threads = 0;
   if (!PyArg_ParseTuple(args, "O|i", &obj, &threads)) return nullptr;
-  if (!THPVariable_Check(obj)) {
-    PyErr_SetString(PyExc_TypeError, "stream_read: tensor must be a torch.Tensor");
-    return nullptr;
-  }
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  if (!t.device().is_cpu() || !t.is_contiguous() || t.nbytes() % 64 != 0) {
+  const at::Tensor* t = cpu_tensor_arg(obj, "stream_read", "tensor");
+  if (t == nullptr) return nullptr;
+  if (t->nbytes() % 64 != 0) {
     PyErr_SetString(PyExc_ValueError, "stream_read: tensor must be a contiguous CPU tensor of a multiple of 64 bytes");
     return nullptr;
   }
-  const char* base = static_cast<const char*>(t.data_ptr());
-  const int64_t lines = int64_t(t.nbytes()) / 64;
+  const char* base = static_cast<const char*>(t->data_ptr());
+  const int64_t lines = int64_t(t->nbytes()) / 64;
   const auto& kt = fluxion::core::cpu::kernels();
-  const int before = at::get_num_threads();
-  if (threads > 0) at::set_num_threads(threads);
+  const ThreadCount scope(threads);
   std::atomic<uint64_t> total{0};
   Py_BEGIN_ALLOW_THREADS
   // A grain of 1 MiB; at::parallel_for gives each worker one contiguous range of lines.
@@ -110,7 +131,6 @@ PyObject* stream_read(PyObject*, PyObject* args) {
     total.fetch_add(kt.stream_sum(base + begin * 64, (end - begin) * 64), std::memory_order_relaxed);
   });
   Py_END_ALLOW_THREADS
-  if (threads > 0) at::set_num_threads(before);
   return PyLong_FromUnsignedLongLong(total.load());
 }
 
@@ -125,37 +145,31 @@ PyObject* scatter_read(PyObject*, PyObject* args) {
   long long run_bytes = 0;
   int threads = 0;
   if (!PyArg_ParseTuple(args, "OOL|i", &obj, &off_obj, &run_bytes, &threads)) return nullptr;
-  if (!THPVariable_Check(obj) || !THPVariable_Check(off_obj)) {
-    PyErr_SetString(PyExc_TypeError, "scatter_read: tensor and offsets must be torch.Tensors");
-    return nullptr;
-  }
-  const at::Tensor& t = THPVariable_Unpack(obj);
-  const at::Tensor& offsets = THPVariable_Unpack(off_obj);
-  if (!t.device().is_cpu() || !t.is_contiguous()) {
-    PyErr_SetString(PyExc_ValueError, "scatter_read: tensor must be a contiguous CPU tensor");
-    return nullptr;
-  }
+  const at::Tensor* t = cpu_tensor_arg(obj, "scatter_read", "tensor");
+  if (t == nullptr) return nullptr;
   if (run_bytes <= 0 || run_bytes % 256 != 0) {
     PyErr_Format(PyExc_ValueError, "scatter_read: run_bytes must be a positive multiple of 256, got %lld", run_bytes);
     return nullptr;
   }
-  if (offsets.scalar_type() != at::kLong || offsets.dim() != 1 || !offsets.device().is_cpu() || !offsets.is_contiguous()) {
+  const at::Tensor* off_t = cpu_tensor_arg(off_obj, "scatter_read", "offsets");
+  if (off_t == nullptr) return nullptr;
+  if (off_t->scalar_type() != at::kLong || off_t->dim() != 1) {
     PyErr_SetString(PyExc_ValueError, "scatter_read: offsets must be a contiguous 1-D int64 CPU tensor");
     return nullptr;
   }
-  const int64_t n = offsets.numel(), limit = int64_t(t.nbytes()) - run_bytes;
+  const at::Tensor& offsets = *off_t;
+  const int64_t n = offsets.numel(), limit = int64_t(t->nbytes()) - run_bytes;
   const int64_t* off = offsets.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
     if (off[i] < 0 || off[i] > limit || off[i] % 64 != 0) {
       PyErr_Format(PyExc_ValueError, "scatter_read: offsets[%lld] = %lld is not a 64-byte aligned run start inside the "
-                   "tensor's %lld bytes", (long long)i, (long long)off[i], (long long)t.nbytes());
+                   "tensor's %lld bytes", (long long)i, (long long)off[i], (long long)t->nbytes());
       return nullptr;
     }
   }
-  const char* base = static_cast<const char*>(t.data_ptr());
+  const char* base = static_cast<const char*>(t->data_ptr());
   const auto& kt = fluxion::core::cpu::kernels();
-  const int before = at::get_num_threads();
-  if (threads > 0) at::set_num_threads(threads);
+  const ThreadCount scope(threads);
   const int readers = int(std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(n, 1)));
   const int64_t pf_bytes = fluxion::core::cpu::prefetch_bytes(readers);
   const int64_t ahead = pf_bytes == 0 ? 0 : std::max<int64_t>(1, (pf_bytes + run_bytes - 1) / run_bytes);
@@ -175,7 +189,6 @@ PyObject* scatter_read(PyObject*, PyObject* args) {
     total.fetch_add(sum, std::memory_order_relaxed);
   });
   Py_END_ALLOW_THREADS
-  if (threads > 0) at::set_num_threads(before);
   return PyLong_FromUnsignedLongLong(total.load());
 }
 
