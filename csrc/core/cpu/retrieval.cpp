@@ -437,18 +437,18 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   const int score_readers = readers(ex, int64_t(score_items.size()));
   const int attend_readers = readers(ex, n_slots);
   const int64_t n_score = int64_t(score_items.size()), n_topk = n * G;
-  // Per task: score chunks not yet done, heads whose top-k is not yet done, union done, slots not yet done.
-  std::unique_ptr<std::atomic<int64_t>[]> chunks_pending(new std::atomic<int64_t>[size_t(n)]);
-  std::unique_ptr<std::atomic<int>[]> heads_pending(new std::atomic<int>[size_t(n)]);
-  std::unique_ptr<std::atomic<int>[]> union_pending(new std::atomic<int>[size_t(n)]);
-  std::unique_ptr<std::atomic<int64_t>[]> slots_pending(new std::atomic<int64_t>[size_t(n)]);
+  // Per task, what is not yet done: score chunks, heads' top-k, the union, attention item slots.
+  struct Pending {
+    std::atomic<int64_t> chunks{0}, slots{0};
+    std::atomic<int> heads{0}, unions{0};
+  };
+  std::unique_ptr<Pending[]> pending(new Pending[size_t(n)]);
   for (int64_t t = 0; t < n; ++t) {
-    chunks_pending[size_t(t)].store(0, std::memory_order_relaxed);
-    heads_pending[size_t(t)].store(G, std::memory_order_relaxed);
-    union_pending[size_t(t)].store(1, std::memory_order_relaxed);
-    slots_pending[size_t(t)].store(plans[t].item_end - plans[t].item_begin, std::memory_order_relaxed);
+    pending[t].heads.store(G, std::memory_order_relaxed);
+    pending[t].unions.store(1, std::memory_order_relaxed);
+    pending[t].slots.store(plans[t].item_end - plans[t].item_begin, std::memory_order_relaxed);
   }
-  for (const auto& item : score_items) chunks_pending[size_t(item.first)].fetch_add(1, std::memory_order_relaxed);
+  for (const auto& item : score_items) pending[item.first].chunks.fetch_add(1, std::memory_order_relaxed);
   std::atomic<int64_t> score_items_left{n_score}, topk_items_left{n_topk}, unions_left{n};
   // ns since t_score at which the last score chunk, the last top-k and the last union ended
   std::atomic<int64_t> scored_at{0}, topk_at{0}, selected_at{0};
@@ -464,7 +464,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
       const int64_t end = std::min(begin / score_chunk * score_chunk + score_chunk, p.range.block_end);
       score_blocks(view, tasks[t].b, tasks[t].kv_head, G, tasks[t].block_size, queries[size_t(t)], begin, end,
                    &scores[size_t(p.score_off + c)], p.ncand, p.range.block_end, score_readers);
-      chunks_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel);
+      pending[t].chunks.fetch_sub(1, std::memory_order_acq_rel);
       if (score_items_left.fetch_sub(1, std::memory_order_acq_rel) == 1) scored_at.store(since_score());
       return;
     }
@@ -480,19 +480,19 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
           std::iota(&sel[size_t(off)], &sel[size_t(off)] + p.k[h], int32_t(0));
           p.sel_count[h] = p.k[h];
         } else {
-          wait_for(chunks_pending[size_t(t)]);
+          wait_for(pending[t].chunks);
           p.sel_count[h] = select_topk(&scores[size_t(p.score_off + h * p.ncand)], p.ncand, p.k[h], &sel[size_t(off)],
                                        cs.per_worker[size_t(w)].topk);
         }
       }
-      heads_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel);
+      pending[t].heads.fetch_sub(1, std::memory_order_acq_rel);
       if (topk_items_left.fetch_sub(1, std::memory_order_acq_rel) == 1) topk_at.store(since_score());
       return;
     }
     i -= n_topk;
     if (i < n) {  // the union of task t's selections, with a head mask per block
       const int64_t t = i;
-      wait_for(heads_pending[size_t(t)]);
+      wait_for(pending[t].heads);
       Plan& p = plans[t];
       std::vector<uint64_t>& mark = cs.per_worker[size_t(w)].mark;
       mark.assign(size_t(p.ncand), 0);
@@ -514,14 +514,14 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
       p.masks.resize(size_t(c));
       if (tasks[t].bytes_read)
         *tasks[t].bytes_read = (p.scored ? p.ncand * 2 * D * eb : 0) + c * 2 * tasks[t].block_size * D * eb;
-      union_pending[size_t(t)].store(0, std::memory_order_release);
+      pending[t].unions.store(0, std::memory_order_release);
       if (unions_left.fetch_sub(1, std::memory_order_acq_rel) == 1) selected_at.store(since_score());
       return;
     }
     // An attention item slot of task t: blocks [first, first + per_item) of its union, if it reaches that far.
     const int64_t slot = i - n;
     const int64_t t = slot_task[size_t(slot)];
-    wait_for(union_pending[size_t(t)]);
+    wait_for(pending[t].unions);
     const Plan& p = plans[t];
     const int64_t first = (slot - p.item_begin) * p.per_item;
     if (first < int64_t(p.blocks.size())) {
@@ -537,7 +537,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
                     int64_t(p.blocks.size()) - first, attend_readers);
       finalize_state(st, G, D, &part_out[size_t(slot * GD)], &part_lse[size_t(slot * G)]);
     }
-    if (slots_pending[size_t(t)].fetch_sub(1, std::memory_order_acq_rel) == 1) merge_task(t);
+    if (pending[t].slots.fetch_sub(1, std::memory_order_acq_rel) == 1) merge_task(t);
   });
   const auto t_scored = t_score + std::chrono::nanoseconds(scored_at.load());
   const auto t_topk = t_score + std::chrono::nanoseconds(std::max(scored_at.load(), topk_at.load()));
