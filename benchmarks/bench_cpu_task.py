@@ -56,9 +56,9 @@ def time_phases(a, q, args, budget, bs, ctx, threads, ceiling, task_s, task_byte
         fluxion.topk_blocks(flat[i], k, int(k[0]))
 
     # Top-k reads scores the task has just written, so it is timed warm in either mode.
-    score_s = median_time(a, score, threads)
+    score_s = median(timed_calls(a, {"score": score}, threads)["score"])
     topk_s = Timer("fn()", globals={"fn": topk}, num_threads=threads).blocked_autorange(min_run_time=a.min_run_time).median
-    meta_bytes = metadata_bytes(a, ctx, bs, budget)
+    meta_bytes = metadata_bytes(a, ctx, bs)
     rest_s, rest_bytes = task_s - score_s - topk_s, task_bytes - meta_bytes
     print(f"{'':>24}phases alone: scoring {score_s * 1e3:.3f} ms ({meta_bytes / score_s / 1e9 / ceiling:.2f} of the "
           f"ceiling on {meta_bytes / 1e6:.1f} MB of metadata), top-k {topk_s * 1e3:.3f} ms; the rest of the task "
@@ -67,7 +67,7 @@ def time_phases(a, q, args, budget, bs, ctx, threads, ceiling, task_s, task_byte
     return {"score_s": score_s, "topk_s": topk_s, "metadata_bytes": meta_bytes}
 
 
-def metadata_bytes(a, ctx: int, bs: int, budget: float) -> int:
+def metadata_bytes(a, ctx: int, bs: int) -> int:
     """Key min/max metadata one layer's task scans: every candidate block of every KV head (BF16 rows)."""
     from fluxion.reference import candidate_blocks
 
@@ -92,14 +92,6 @@ def timed_calls(a, calls: dict, threads: int) -> dict:
         m = Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(min_run_time=a.min_run_time)
         out[name] = list(m.times)
     return out
-
-
-def median_time(a, fn, threads: int) -> float:
-    """Median seconds of fn() on `threads` threads: from a cold last-level cache, or warm with --warm."""
-    if a.warm:
-        return Timer("fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
-            min_run_time=a.min_run_time).median
-    return a.cold.median(fn, threads, a.min_run_time)
 
 
 def main(argv=None) -> int:
@@ -162,7 +154,7 @@ def main(argv=None) -> int:
                 touched = [int(fluxion.retrieval_attention(q[i], **args[i], budgets=budgets, block_sizes=block_sizes,
                                                            scale=scale)[2].sum()) for i in range(layers)]
                 mean_bytes = sum(touched) / layers
-                meta_bytes = metadata_bytes(a, ctx, bs, budget)
+                meta_bytes = metadata_bytes(a, ctx, bs)
                 state = {"i": 0}
 
                 def step():

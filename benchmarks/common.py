@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -89,9 +88,6 @@ class ColdCache:
         torch.set_num_threads(self.threads)
         self.buf.sum()
         torch.set_num_threads(threads)
-
-    def median(self, fn, threads: int, min_run_time: float, min_reps: int = 15, max_reps: int = 400) -> float:
-        return statistics.median(self.interleaved({"fn": fn}, threads, min_run_time, min_reps, max_reps)["fn"])
 
     def interleaved(self, fns: dict, threads: int, min_run_time: float, min_reps: int = 15,
                     max_reps: int = 400) -> dict:
