@@ -458,8 +458,10 @@ void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q,
   load_tile_config();
   const int kchunks = 2 * D / 32;
   const int64_t row_bytes = 2 * int64_t(D) * 2;
-  PrefetchCursor pf;  // a step per tile-product round
-  pf.start(next, (full + 63) / 64 * kchunks * ((G + 15) / 16));
+  // A step before each A tile load: a step per round of four (64 lines at a time) stalled the loads behind a
+  // burst of prefetches (H200 box, one thread, 128K task: 0.66-0.72 -> 0.71-0.73 of the streaming read).
+  PrefetchCursor pf;
+  pf.start(next, full / 16 * kchunks * ((G + 15) / 16));
   alignas(64) float c[16 * 16];
   for (int g0 = 0; g0 < G; g0 += 16) {
     const uint16_t* qb = q.q_amx + int64_t(g0 / 16) * kchunks * 512;
@@ -473,19 +475,22 @@ void score_rows_amx(const uint16_t* meta, int64_t nrows, const PreparedQuery& q,
       _tile_zero(2);
       _tile_zero(3);
       for (int kc = 0; kc < kchunks; ++kc) {
-        pf.step();
         _tile_loadd(4, qb + kc * 512, 64);
+        pf.step();
         _tile_loadd(5, a + kc * 32, row_bytes);
         _tile_dpbf16ps(0, 5, 4);
         if (groups > 1) {
+          pf.step();
           _tile_loadd(6, a + a16 + kc * 32, row_bytes);
           _tile_dpbf16ps(1, 6, 4);
         }
         if (groups > 2) {
+          pf.step();
           _tile_loadd(5, a + 2 * a16 + kc * 32, row_bytes);
           _tile_dpbf16ps(2, 5, 4);
         }
         if (groups > 3) {
+          pf.step();
           _tile_loadd(6, a + 3 * a16 + kc * 32, row_bytes);
           _tile_dpbf16ps(3, 6, 4);
         }
