@@ -21,7 +21,16 @@ namespace fluxion::core::cpu {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-constexpr int64_t kScoreChunkBlocks = 512;      // metadata rows per scoring work item (at most)
+// Metadata rows per scoring work item, at most (FLUXION_SCORE_ITEM_BLOCKS sets it, for tuning; rounded up to a
+// multiple of 64). An item's first page is read without a software prefetch, so longer items start cold less often.
+int64_t max_score_item_blocks() {
+  static const int64_t blocks = [] {
+    const char* env = std::getenv("FLUXION_SCORE_ITEM_BLOCKS");
+    const int64_t v = env ? std::atoll(env) : 0;
+    return v > 0 ? (v + 63) / 64 * 64 : int64_t(512);  // unset, empty or <= 0: 512
+  }();
+  return blocks;
+}
 
 // Size of a phase's work items: large enough to amortise per-item costs, small enough that a small batch (the
 // CPU's share of a layer step near the end of the queue is often one or two tasks) still gives every thread
@@ -357,7 +366,7 @@ void run_group_tasks(const LayerView& view, int G, const RetrievalConfig& cfg, c
   for (int64_t t = 0; t < n; ++t) scored_blocks += plans[t].scored ? plans[t].ncand : 0;
   // Items end on multiples of score_chunk (a multiple of 64 blocks, so of a page's blocks at P = 1024): a page's
   // table is never split between two items.
-  const int64_t score_chunk = (item_size(scored_blocks, ex.num_threads, 64, kScoreChunkBlocks) + 63) / 64 * 64;
+  const int64_t score_chunk = (item_size(scored_blocks, ex.num_threads, 64, max_score_item_blocks()) + 63) / 64 * 64;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t begin = plans[t].range.block_begin;
     for (int64_t c = 0; plans[t].scored && c < plans[t].ncand; c = (begin + c) / score_chunk * score_chunk + score_chunk - begin)
