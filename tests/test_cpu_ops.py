@@ -299,6 +299,54 @@ def test_oversubscribed_threads_match_reference():
     assert torch.isinf(runs[0][1][3, 8:]).all() and int(runs[0][2][3, 1]) == 0
 
 
+# The tuning knobs at their extremes: scoring items of one page (40 rounds up to 64 blocks), attention items of
+# 32 KiB, no software prefetch, AMX q.k for runs of a single head.
+_EXTREME_KNOBS = {"FLUXION_SCORE_ITEM_BLOCKS": "40", "FLUXION_ATTEND_ITEM_BYTES": "32768",
+                  "FLUXION_PREFETCH_BYTES": "0", "FLUXION_AMX_MIN_HEADS": "1"}
+_KNOB_CASE = """
+import sys, torch, fluxion
+sys.path.insert(0, sys.argv[1])
+from test_cpu_ops import knob_case
+torch.set_num_threads(2)
+store, seqs, q, _, _, _, args = knob_case()
+torch.save(fluxion.retrieval_attention(q, **store.layer_args(0, seqs), **args), sys.argv[2])
+"""
+
+
+def knob_case():
+    lens = [4100, 1300]
+    store, seqs, q, k, v = build(2, 16, 4, lens, 128, torch.bfloat16, seed=11, page_tokens=1024)
+    budgets = torch.rand(2, 16, generator=torch.Generator().manual_seed(12)) * 0.3
+    block_sizes = torch.tensor([[16, 32, 64, 128], [16, 16, 32, 128]], dtype=torch.int32)
+    return store, seqs, q, k, v, lens, dict(budgets=budgets, block_sizes=block_sizes)
+
+
+def test_tuning_knobs_change_the_split_not_the_result(tmp_path):
+    """The env knobs (read once per process, hence a child process) only size work items and prefetches: at their
+    extremes the task still equals the reference and reads the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "out.pt"
+    env = {**os.environ, **_EXTREME_KNOBS}
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    subprocess.run([sys.executable, "-c", _KNOB_CASE, tests_dir, str(path)], env=env, check=True, timeout=300)
+    out, lse, nbytes = torch.load(path)
+    store, seqs, q, k, v, lens, args = knob_case()
+    ro, rl = R.retrieval_attention(q, k, v, torch.tensor(lens), args["budgets"], args["block_sizes"], SINK, LOCAL,
+                                   128 ** -0.5)
+    torch.testing.assert_close(out, ro, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(lse, rl, atol=ATOL, rtol=RTOL)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _, _, default_bytes = fluxion.retrieval_attention(q, **store.layer_args(0, seqs), **args)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(nbytes, default_bytes)
+
+
 def test_error_vs_same_dtype_torch_attention():
     """flash-attention's rule: our error vs fp32 <= 2x the error of a bf16 PyTorch implementation."""
     d, n = 128, 2048
