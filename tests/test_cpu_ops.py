@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -324,10 +328,6 @@ def knob_case():
 def test_tuning_knobs_change_the_split_not_the_result(tmp_path):
     """The env knobs (read once per process, hence a child process) only size work items and prefetches: at their
     extremes the task still equals the reference and reads the same bytes."""
-    import os
-    import subprocess
-    import sys
-
     path = tmp_path / "out.pt"
     env = {**os.environ, **_EXTREME_KNOBS}
     tests_dir = os.path.dirname(os.path.abspath(__file__))
