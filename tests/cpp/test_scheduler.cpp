@@ -51,6 +51,7 @@ TEST_CASE("first pulls take the expected shares, later ones guided shares", "[sc
   core::TaskQueue q(tasks);
   core::QueueSplit split;
   split.cpu_share = 0.75;  // the CPU is three times as fast: its first pull is 0.8 x 75% of the volume
+  split.first_pull = 0.8;
   split.gpu_in_flight = 1;
   std::vector<int64_t> cpu_pulls, gpu_pulls;
   std::atomic<bool> cpu_pulled{false};
@@ -120,9 +121,9 @@ TEST_CASE("in a shared queue the GPU side pulls its first share before the CPU s
           return core::GpuWaitFn{};
         },
         &control, core::QueueSplit{}, &st);
-    // The queue's first tasks, 0.8 of the GPU's expected half of 8 equal tasks: 3 of them.
+    // The queue's first tasks, the GPU's whole expected half of 8 equal tasks (first_pull 1): 4 of them.
     REQUIRE(first_gpu_begin == 0);
-    REQUIRE(first_gpu_size == 3);
+    REQUIRE(first_gpu_size == 4);
     REQUIRE(st.cpu_tasks + st.gpu_tasks == 8);
   }
 }
