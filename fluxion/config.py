@@ -117,8 +117,8 @@ class FluxionConfig:
                     shares the queue between the CPU and the GPU or runs on the CPU alone, whichever has read
                     faster, measured per layer as it runs and re-checked every 32 steps; CPU otherwise), 'shared'
                     (CPU and GPU whenever the model is on a GPU), 'cpu' (CPU only) or 'gpu' (GPU only; needs the
-                    CUDA kernels). Both devices read host DRAM: where the CPU alone reads a step's blocks near the
-                    DRAM's limit (small batches, sparse budgets), the GPU's reads only slow the CPU's.
+                    CUDA kernels). Both devices read host DRAM and the GPU's reads slow the CPU's, so whether
+                    sharing beats the CPU alone depends on the step and the host: it is measured, not assumed.
     host_byte_cap:  bound on the host store's committed bytes (None = physical memory); exceeding it raises
                     :class:`fluxion.CapacityError` and stores nothing.
     page_tokens:    tokens per host page (a positive multiple of 128; 1024 by default, which makes the block-16

@@ -104,8 +104,8 @@ struct QueueSplit {
 };
 
 // Adaptive sharing for one layer (FluxionConfig.device_policy='auto'): whether its next step shares the queue
-// with the GPU or runs on the CPU alone. Both devices read host DRAM; where the CPU alone reads a step's blocks
-// near the DRAM's limit (batch 1, sparse), the GPU's reads only slow the CPU's, while dense steps gain from both.
+// with the GPU or runs on the CPU alone. Both devices read host DRAM and the GPU's reads slow the CPU's, so which
+// is faster depends on the step (dense steps gain from both) and on the host's speed at the time.
 // The first kExplore steps alternate between the two, each option keeping its best rate (a first step pays
 // one-off costs: threads waking, buffers growing, and a noisy host only ever slows a step down); after that the
 // faster option runs, the other every kProbeEvery steps, and rates are running averages.
