@@ -167,20 +167,27 @@ def h2d_bandwidth(nbytes: int = 1 << 30, reps: int = 10) -> float:
     return nbytes / times[len(times) // 2] / 1e9
 
 
-def combined_read_bandwidth(threads: int, gib: float = 2.0, copies: int = 48, copy_mib: int = 512) -> dict:
+def combined_read_bandwidth(threads: int, gib: float = 2.0, copies: int = 48, copy_mib: int = 512,
+                            cpu_read=None) -> dict:
     """Both readers of host memory at once: `threads` CPU threads streaming-read one buffer (Fluxion's SIMD
     loop) while the GPU copies another page-locked buffer to the device. The shared decode step has both
     devices read host DRAM like this, so their sum — not host-read + PCIe measured apart — is what it can
     reach where DRAM is the limit. The copies are enqueued first; the CPU reads while they run, and the GPU
-    rate counts only copies that ended within the CPU's reading time.
+    rate counts only copies that ended within the CPU's reading time. cpu_read: another CPU read to run
+    beside the copies instead of the streaming read (a callable that reads once and returns the bytes read).
     Returns {"cpu": GB/s, "pcie": GB/s, "total": GB/s} (needs a GPU and the CPU extension)."""
     import fluxion
 
-    buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    if cpu_read is None:
+        buf = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+
+        def cpu_read():
+            fluxion._C.stream_read(buf, threads)
+            return buf.numel() * 4
+
     host = torch.empty(copy_mib << 20, dtype=torch.uint8).pin_memory()
     dev = torch.empty_like(host, device="cuda")
-    read = fluxion._C.stream_read
-    read(buf, threads)  # warm: pages touched, threads up
+    cpu_read()  # warm: pages touched, threads up
     dev.copy_(host, non_blocking=True)
     torch.cuda.synchronize()
     start = torch.cuda.Event(enable_timing=True)
@@ -189,16 +196,16 @@ def combined_read_bandwidth(threads: int, gib: float = 2.0, copies: int = 48, co
     for e in ends:
         dev.copy_(host, non_blocking=True)
         e.record()
-    t0, reads = time.perf_counter(), 0
+    t0, reads, nbytes = time.perf_counter(), 0, 0
     while reads < 3 or (time.perf_counter() - t0 < 0.5 and not ends[-1].query()):
-        read(buf, threads)
+        nbytes += cpu_read()
         reads += 1
     cpu_s = time.perf_counter() - t0
     torch.cuda.synchronize()
     done = [start.elapsed_time(e) / 1e3 for e in ends]
     within = [t for t in done if t <= cpu_s] or done[:1]
     pcie = len(within) * host.numel() / within[-1] / 1e9
-    cpu = reads * buf.numel() * 4 / cpu_s / 1e9
+    cpu = nbytes / cpu_s / 1e9
     return {"cpu": cpu, "pcie": pcie, "total": cpu + pcie}
 
 
