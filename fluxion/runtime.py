@@ -165,9 +165,10 @@ class HybridAttentionRuntime:
 
     # On a GPU, a layer's decode step whose retrieval reads fewer bytes than this runs on the GPU alone and the
     # host never waits for the device (short contexts); sharing with the CPU needs q on the host (a sync) and
-    # costs ~0.3 ms of fixed work per layer on the H200 box, which only pays off above ~48 MiB per layer
-    # (measured: at 32K tokens and budget 0.05, 30 MB per layer, sharing was slower than the CPU alone).
-    min_shared_volume = 48 << 20
+    # ~0.15 ms of fixed work per layer. Measured on the H200 box (session 13, budget 0.05, batch 1, TPOT of
+    # `fluxion` mode, GPU alone vs shared): Llama-3.1-8B shape at 32K (30 MB per layer) 26.4 vs 23.4 ms, at 16K
+    # (15 MB) 18.9 vs 18.6, at 8K (7.5 MB) 14.3 vs 15.5; Qwen2.5-7B at 32K (18 MB) 19.8 vs 20.2.
+    min_shared_volume = 24 << 20
 
     def __init__(self, config: FluxionConfig, num_layers: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, scale: float | None = None,

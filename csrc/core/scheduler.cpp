@@ -37,6 +37,18 @@ std::pair<int64_t, int64_t> TaskQueue::pop_batch(int64_t max_volume) {
   return {n, n};
 }
 
+std::pair<int64_t, int64_t> TaskQueue::pop_near(int64_t target) {
+  const int64_t n = int64_t(tasks_.size());
+  int64_t begin = next_.load(std::memory_order_relaxed);
+  while (begin < n) {
+    // The next task joins while it brings the sum nearer to the target: vol + next / 2 < target.
+    int64_t end = begin + 1, vol = tasks_[size_t(begin)].volume;
+    while (end < n && 2 * vol + tasks_[size_t(end)].volume < 2 * target) vol += tasks_[size_t(end++)].volume;
+    if (next_.compare_exchange_weak(begin, end, std::memory_order_relaxed)) return {begin, end};
+  }
+  return {n, n};
+}
+
 std::pair<int64_t, int64_t> TaskQueue::pop_share(int divisor) {
   const int64_t n = int64_t(tasks_.size());
   int64_t begin = next_.load(std::memory_order_relaxed);
@@ -123,7 +135,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   // A side's next pull: everything when it is alone; its scaled expected share first; then guided shares.
   auto pull = [&](bool first, double share) {
     if (!shared) return queue.pop_batch(queue.total_volume());
-    if (first) return queue.pop_batch(int64_t(double(queue.total_volume()) * share * split.first_pull));
+    if (first) return queue.pop_near(int64_t(double(queue.total_volume()) * share * split.first_pull));
     return queue.pop_share(split.share_divisor);
   };
   QueueRunStats st;
@@ -132,6 +144,9 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   // always gets its first share (a CPU side that drains a small queue before the control thread runs would
   // leave it nothing), while the launch itself still runs on the control thread, alongside the CPU's work.
   std::atomic<bool> gpu_first_pulled{!shared || split.max_gpu_batches <= 0};
+  // Likewise the GPU side pulls ahead of its running batches only once the CPU side has made its first pull, so
+  // both first pulls are the shares they were sized as.
+  std::atomic<bool> cpu_first_pulled{!shared};
   auto gpu_loop = [&] {
     // Up to gpu_in_flight batches run at once; busy time is the union of their [launch, finished] intervals.
     std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
@@ -146,6 +161,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
     try {
       while (st.gpu_batches < split.max_gpu_batches) {
         if (!running.empty() && (int(running.size()) >= std::max(split.gpu_in_flight, 1) ||
+                                 !cpu_first_pulled.load(std::memory_order_acquire) ||
                                  queue.remaining_volume() <= running_volume)) {
           wait_oldest();
           continue;
@@ -183,6 +199,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
     try {
       for (;;) {
         const auto [b, e] = pull(st.cpu_batches == 0, cpu_share);
+        cpu_first_pulled.store(true, std::memory_order_release);
         if (b >= e) break;
         cpu_batch(b, e);
       }

@@ -38,6 +38,9 @@ class TaskQueue {
   // Consecutive tasks [begin, end) whose volume adds up to at most max_volume (always at least one task
   // when any is left; empty range when none is).
   std::pair<int64_t, int64_t> pop_batch(int64_t max_volume);
+  // Consecutive tasks whose volume adds up as near to `target` as whole tasks allow (at least one task when any
+  // is left): a side's first pull, so a share of 2.6 tasks takes 3 in one batch, not 2 and a late single.
+  std::pair<int64_t, int64_t> pop_near(int64_t target);
   // Guided self-scheduling: at most 1/divisor of the volume still queued (at least one task), so pulls shrink
   // as the queue drains and the consumers finish close together.
   std::pair<int64_t, int64_t> pop_share(int divisor);
@@ -89,10 +92,11 @@ using GpuBatchFn = std::function<GpuWaitFn(int64_t begin, int64_t end, int batch
 // How the two sides split the queue. Both devices run large batches far better than small ones (the CPU
 // side runs a batch's top-k and unions on as many threads as it has tasks and heads, the GPU pays a launch, a
 // wait and a latency-bound top-k), so each side's first pull is its whole expected share of the volume (from
-// the throughputs measured on earlier steps; first_pull scales it), and later pulls take 1/share_divisor of
-// what is left. Smaller pulls cost more than the balance they buy: on the H200 box (Llama-3.1-8B shape, 8
-// layers, 128K, batch 1, share16-0.05: 8 tasks per layer), first_pull 0.8 and share_divisor 3 left the CPU
-// side at 40-44 GB/s and the attention step at 16.6-19.1 ms; 1.0 and 2 gave 72 GB/s and 12.6 ms.
+// the throughputs measured on earlier steps; first_pull scales it), rounded to the nearest whole task, and
+// later pulls take 1/share_divisor of what is left. Smaller pulls cost more than the balance they buy: on the
+// H200 box (Llama-3.1-8B shape, 8 layers, 128K, batch 1, share16-0.05: 8 tasks per layer), first_pull 0.8 and
+// share_divisor 3 left the CPU side at 40-44 GB/s and the attention step at 16.6-19.1 ms; 1.0 and 2 gave 72
+// GB/s and 12.6 ms.
 struct QueueSplit {
   double cpu_share = 0.5;   // expected fraction of the volume the CPU side finishes in the time the GPU does the rest
   double first_pull = 1.0;  // fraction of that share taken by each side's first pull

@@ -32,7 +32,7 @@ struct HybridRuntime : torch::CustomClassHolder {
   int64_t max_gpu_batches = 16;
   // Bytes a layer's retrieval reads below which a GPU step runs on the GPU alone, with no host sync (set by
   // configure; the Python runtime passes HybridAttentionRuntime.min_shared_volume).
-  int64_t min_shared_volume = 48 << 20;
+  int64_t min_shared_volume = 24 << 20;
   double cpu_rate = 0, gpu_rate = 0;  // measured retrieval bytes/s of each side (set the queue split)
   bool cpu_retrieval = true;         // false: the GPU takes every task (FluxionConfig.device_policy='gpu')
   // Adaptive sharing (FluxionConfig.device_policy='auto'): a step that would share the queue runs on the CPU

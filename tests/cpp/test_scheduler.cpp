@@ -32,6 +32,24 @@ TEST_CASE("queue orders by volume and pops every task once", "[scheduler]") {
   REQUIRE(b3 == e3);
 }
 
+TEST_CASE("a pull near a target takes the whole tasks nearest to it", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  core::TaskQueue q(tasks);
+  auto [b, e] = q.pop_near(264);  // 2.64 tasks: 3 (a floor would take 2)
+  REQUIRE(b == 0);
+  REQUIRE(e == 3);
+  std::tie(b, e) = q.pop_near(250);  // 2.5 tasks: a tie keeps the smaller pull
+  REQUIRE(e - b == 2);
+  std::tie(b, e) = q.pop_near(10);  // less than half a task: still one
+  REQUIRE(e - b == 1);
+  std::tie(b, e) = q.pop_near(1000);  // more than is left: the 2 left
+  REQUIRE(e - b == 2);
+  REQUIRE(e == 8);
+  std::tie(b, e) = q.pop_near(100);
+  REQUIRE(b == e);
+}
+
 TEST_CASE("guided shares shrink as the queue drains", "[scheduler]") {
   std::vector<core::QueueTask> tasks;
   for (int g = 0; g < 12; ++g) tasks.push_back({g, 100});
@@ -128,6 +146,39 @@ TEST_CASE("in a shared queue the GPU side pulls its first share before the CPU s
   }
 }
 
+TEST_CASE("a side's first pull rounds its expected share to the nearest whole task", "[scheduler]") {
+  // 8 equal tasks and a CPU twice as fast: the GPU's share is 2.64 tasks, so it takes 3 in its first batch
+  // and the CPU the other 5, rather than 2 and 5 with the last one left to whoever is free first.
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  core::ControlThread control;
+  core::QueueSplit split;
+  split.cpu_share = 0.67;
+  for (int rep = 0; rep < 10; ++rep) {
+    core::TaskQueue q(tasks);
+    std::vector<int64_t> cpu_pulls, gpu_pulls;
+    std::atomic<bool> cpu_pulled{false};
+    core::run_task_queue(
+        q,
+        [&](int64_t b, int64_t e) {
+          cpu_pulls.push_back(e - b);
+          cpu_pulled = true;
+        },
+        [&](int64_t b, int64_t e, int) {
+          gpu_pulls.push_back(e - b);
+          // The batch "runs" until the CPU side has pulled, as a real one would.
+          return core::GpuWaitFn([&] {
+            for (int i = 0; i < 100000 && !cpu_pulled; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
+          });
+        },
+        &control, split, nullptr);
+    REQUIRE(gpu_pulls.at(0) == 3);
+    REQUIRE(cpu_pulls.at(0) == 5);
+    REQUIRE(gpu_pulls.size() == 1);
+    REQUIRE(cpu_pulls.size() == 1);
+  }
+}
+
 TEST_CASE("a capped GPU side leaves the rest to the CPU; one side alone takes one batch", "[scheduler]") {
   std::vector<core::QueueTask> tasks;
   for (int g = 0; g < 50; ++g) tasks.push_back({g, 10});
@@ -178,15 +229,26 @@ TEST_CASE("the GPU side pulls ahead of a running batch only while the queue hold
   core::TaskQueue q(tasks);
   core::ControlThread control;
   core::QueueSplit split;
-  split.cpu_share = 0.9;  // the GPU's first pull is one task, so the queue is long when it could pull again
+  // First pulls of half the shares: the GPU's is one task (1.2) and the CPU's 11 (10.8), so the queue is long when
+  // the GPU could pull again.
+  split.cpu_share = 0.9;
+  split.first_pull = 0.5;
   std::mutex mu;
   int64_t running = 0, running_volume = 0, launches_ahead = 0;
   int max_running = 0;
   bool guard_held = true;
   core::QueueRunStats st;
+  std::atomic<bool> cpu_started{false};
   core::run_task_queue(
-      q, [&](int64_t, int64_t) { std::this_thread::sleep_for(std::chrono::milliseconds(2)); },
-      [&](int64_t b, int64_t e, int) {
+      q,
+      [&](int64_t, int64_t) {
+        cpu_started = true;
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      },
+      [&](int64_t b, int64_t e, int batch) {
+        // The first launch returns once the CPU side has pulled (a real launch takes tens of microseconds), so
+        // the check that follows it sees the queue the two first pulls left, however loaded this machine is.
+        while (batch == 0 && !cpu_started) std::this_thread::yield();
         std::lock_guard<std::mutex> l(mu);
         const int64_t volume = (e - b) * 100, remaining_before = q.remaining_volume() + volume;
         if (running > 0) {
