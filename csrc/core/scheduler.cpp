@@ -26,27 +26,25 @@ int64_t TaskQueue::pop() {
   return i < int64_t(tasks_.size()) ? i : -1;
 }
 
-std::pair<int64_t, int64_t> TaskQueue::pop_batch(int64_t max_volume) {
+template <class Joins>
+std::pair<int64_t, int64_t> TaskQueue::pop_while(Joins joins) {
   const int64_t n = int64_t(tasks_.size());
   int64_t begin = next_.load(std::memory_order_relaxed);
   while (begin < n) {
     int64_t end = begin + 1, vol = tasks_[size_t(begin)].volume;
-    while (end < n && vol + tasks_[size_t(end)].volume <= max_volume) vol += tasks_[size_t(end++)].volume;
+    while (end < n && joins(vol, tasks_[size_t(end)].volume)) vol += tasks_[size_t(end++)].volume;
     if (next_.compare_exchange_weak(begin, end, std::memory_order_relaxed)) return {begin, end};
   }
   return {n, n};
 }
 
+std::pair<int64_t, int64_t> TaskQueue::pop_batch(int64_t max_volume) {
+  return pop_while([max_volume](int64_t vol, int64_t next) { return vol + next <= max_volume; });
+}
+
 std::pair<int64_t, int64_t> TaskQueue::pop_near(int64_t target) {
-  const int64_t n = int64_t(tasks_.size());
-  int64_t begin = next_.load(std::memory_order_relaxed);
-  while (begin < n) {
-    // The next task joins while it brings the sum nearer to the target: vol + next / 2 < target.
-    int64_t end = begin + 1, vol = tasks_[size_t(begin)].volume;
-    while (end < n && 2 * vol + tasks_[size_t(end)].volume < 2 * target) vol += tasks_[size_t(end++)].volume;
-    if (next_.compare_exchange_weak(begin, end, std::memory_order_relaxed)) return {begin, end};
-  }
-  return {n, n};
+  // The next task joins while it brings the sum nearer to the target: vol + next / 2 < target.
+  return pop_while([target](int64_t vol, int64_t next) { return 2 * vol + next < 2 * target; });
 }
 
 std::pair<int64_t, int64_t> TaskQueue::pop_share(int divisor) {

@@ -46,6 +46,10 @@ class TaskQueue {
   std::pair<int64_t, int64_t> pop_share(int divisor);
 
  private:
+  // Consecutive tasks from the next one (at least one when any is left) while joins(volume so far, next task's
+  // volume) holds; claimed atomically.
+  template <class Joins>
+  std::pair<int64_t, int64_t> pop_while(Joins joins);
   std::vector<QueueTask> tasks_;
   std::vector<int64_t> suffix_;  // suffix_[i] = volume of tasks [i, n)
   std::atomic<int64_t> next_{0};

@@ -13,6 +13,30 @@
 
 using namespace fluxion;
 
+namespace {
+// Each side's pull sizes over one run of the queue. A GPU batch "runs" until the CPU side has pulled once, as a
+// real one would, so the GPU cannot drain the queue before the CPU's first pull.
+std::pair<std::vector<int64_t>, std::vector<int64_t>> pull_sizes(core::TaskQueue& q, const core::QueueSplit& split,
+                                                                 core::ControlThread& control) {
+  std::vector<int64_t> cpu_pulls, gpu_pulls;
+  std::atomic<bool> cpu_pulled{false};
+  core::run_task_queue(
+      q,
+      [&](int64_t b, int64_t e) {
+        cpu_pulls.push_back(e - b);
+        cpu_pulled = true;
+      },
+      [&](int64_t b, int64_t e, int) {
+        gpu_pulls.push_back(e - b);
+        return core::GpuWaitFn([&] {
+          for (int i = 0; i < 100000 && !cpu_pulled; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
+        });
+      },
+      &control, split, nullptr);
+  return {cpu_pulls, gpu_pulls};
+}
+}  // namespace
+
 TEST_CASE("queue orders by volume and pops every task once", "[scheduler]") {
   core::TaskQueue q({{0, 5}, {1, 50}, {2, 7}, {3, 50}, {4, 1}});
   REQUIRE(q.total_volume() == 113);
@@ -71,23 +95,8 @@ TEST_CASE("first pulls take the expected shares, later ones guided shares", "[sc
   split.cpu_share = 0.75;  // the CPU is three times as fast: its first pull is 0.8 x 75% of the volume
   split.first_pull = 0.8;
   split.gpu_in_flight = 1;
-  std::vector<int64_t> cpu_pulls, gpu_pulls;
-  std::atomic<bool> cpu_pulled{false};
   core::ControlThread control;
-  core::run_task_queue(
-      q,
-      [&](int64_t b, int64_t e) {
-        cpu_pulls.push_back(e - b);
-        cpu_pulled = true;
-      },
-      [&](int64_t b, int64_t e, int) {
-        gpu_pulls.push_back(e - b);
-        // The GPU's batch "runs" until the CPU has pulled once, so the GPU cannot drain the queue first.
-        return core::GpuWaitFn([&] {
-          for (int i = 0; i < 100000 && !cpu_pulled; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
-        });
-      },
-      &control, split, nullptr);
+  const auto [cpu_pulls, gpu_pulls] = pull_sizes(q, split, control);
   REQUIRE(cpu_pulls.at(0) == 12);
   REQUIRE((gpu_pulls.empty() || gpu_pulls[0] <= 4));  // at most 0.8 x 25% of the 20 tasks
 }
@@ -156,22 +165,7 @@ TEST_CASE("a side's first pull rounds its expected share to the nearest whole ta
   split.cpu_share = 0.67;
   for (int rep = 0; rep < 10; ++rep) {
     core::TaskQueue q(tasks);
-    std::vector<int64_t> cpu_pulls, gpu_pulls;
-    std::atomic<bool> cpu_pulled{false};
-    core::run_task_queue(
-        q,
-        [&](int64_t b, int64_t e) {
-          cpu_pulls.push_back(e - b);
-          cpu_pulled = true;
-        },
-        [&](int64_t b, int64_t e, int) {
-          gpu_pulls.push_back(e - b);
-          // The batch "runs" until the CPU side has pulled, as a real one would.
-          return core::GpuWaitFn([&] {
-            for (int i = 0; i < 100000 && !cpu_pulled; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
-          });
-        },
-        &control, split, nullptr);
+    const auto [cpu_pulls, gpu_pulls] = pull_sizes(q, split, control);
     REQUIRE(gpu_pulls.at(0) == 3);
     REQUIRE(cpu_pulls.at(0) == 5);
     REQUIRE(gpu_pulls.size() == 1);
