@@ -3,7 +3,8 @@
 Model geometry from a config in memory with random weights (speed does not depend on weight values):
 Llama-3.1-8B (32 layers, 32 q / 8 kv heads, D=128) or Qwen2.5-7B (28 layers, 28 q / 4 kv heads).
 For each context and batch it prefills random tokens once for all Fluxion modes (switching the live cache's
-decode policy between them) and once per HF cache, then times `--steps` decode steps per mode.
+decode policy between them) and once per HF cache, then times `--steps` decode steps per mode (with
+`--rounds R`, the Fluxion modes take turns R times, so a drift in the host's speed hits them alike).
 
 Modes (pick with --modes):
   full, fixed16-0.05, fixed16-0.02, fluxion   Fluxion's runtime; on a GPU, decode steps run through CUDA-graph
@@ -21,6 +22,7 @@ Modes (pick with --modes):
 
   python benchmarks/bench_decode.py --model llama3-8b --contexts 32768 65536 131072 --batch 1 4 --out decode.json
   python benchmarks/bench_decode.py --tiny --device cpu --modes full fixed16-0.05   # smoke test, no GPU
+  python benchmarks/bench_decode.py --contexts 131072 --batch 1 --modes fixed16-0.05 share16-0.05 --rounds 6 --steps 4
 """
 
 from __future__ import annotations
@@ -117,33 +119,63 @@ def time_steps(step, nxt, a, after_warmup=lambda: None):
 
 
 @torch.no_grad()
-def run_fluxion(model, mode, ids, a, shared: dict):
-    """Times `mode` on the prompt's Fluxion cache. The first Fluxion mode of a (context, batch) prefills it;
-    later modes switch the live cache's decode policy (runtime.reconfigure), since the stored K/V do not depend
-    on the mode: one prefill serves every mode. Returns (times, prefill s, peak GPU bytes, stats)."""
-    cfg = fluxion_config(mode, model.config, a)
-    fluxion.enable(model, cfg)
-    if "cache" not in shared:
+def run_fluxion_modes(model, modes, ids, a, measure_host):
+    """Times the Fluxion `modes` on one Fluxion cache of the prompt: it is prefilled once, and each mode switches
+    the live cache's decode policy (runtime.reconfigure), since the stored K/V do not depend on the mode. The modes
+    take turns in a.rounds rounds of a.warmup + a.steps steps each: the host's read speed drifts by 20-30% within
+    minutes on the H200 box, and rounds let the drift hit every mode alike, so their ratios stay fair.
+    measure_host() is called after each mode's turn (the streaming read that mode's roofline uses).
+    Returns {mode: (times, prefill s, peak GPU bytes, stats, host read GB/s around its turns)}."""
+    configs = {m: fluxion_config(m, model.config, a) for m in modes}
+    fluxion.enable(model, configs[modes[0]])
+    try:
         cache = fluxion.new_cache(model)
         nxt, prefill_s, peak = prefill(model, ids, cache, a)
-        shared.update(cache=cache, nxt=nxt, prefill_s=prefill_s, peak=peak)
         share = huge_page_share(cache.runtime.store.pages())
         if share is not None:
             print(f"# host store after prefill: {share:.0%} of its resident memory on huge pages", flush=True)
-    cache = shared["cache"]
-    cache.runtime.reconfigure(cfg)
-    rt = cache.runtime
+        rt = cache.runtime
 
-    def step(tok, i):  # on a GPU, fluxion.enable runs this through the CUDA-graph segments (cuda_graphs)
-        return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
+        def step(tok, i):  # on a GPU, fluxion.enable runs this through the CUDA-graph segments (cuda_graphs)
+            return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
 
-    rt.reset_stats()
-    times = time_steps(step, shared["nxt"], a, after_warmup=rt.reset_stats)
-    stats = rt.stats()
-    if a.profile:
-        profile_steps(step, shared["nxt"], a, f"{mode}-{ids.shape[1]}-b{ids.shape[0]}")
-    fluxion.disable(model)
-    return times, shared["prefill_s"], shared["peak"], stats
+        times = {m: [] for m in modes}
+        parts = {m: [] for m in modes}
+        host = {m: [] for m in modes}
+        host_prev = measure_host()
+        for _ in range(a.rounds):
+            for m in modes:
+                rt.reconfigure(configs[m])
+                rt.reset_stats()
+                times[m] += time_steps(step, nxt, a, after_warmup=rt.reset_stats)
+                parts[m].append(rt.stats())
+                host_next = measure_host()
+                host[m].append((host_prev + host_next) / 2)
+                host_prev = host_next
+        if a.profile:
+            for m in modes:
+                rt.reconfigure(configs[m])
+                profile_steps(step, nxt, a, f"{m}-{ids.shape[1]}-b{ids.shape[0]}")
+    finally:
+        fluxion.disable(model)
+    return {m: (times[m], prefill_s, peak, merge_stats(parts[m]), statistics.mean(host[m])) for m in modes}
+
+
+def merge_stats(parts: list[dict]) -> dict:
+    """One mode's runtime stats over its turns (run_fluxion_modes): totals add up, per-step means are taken over
+    all its steps, and the GPU idle ratio is weighted by each turn's retrieval time."""
+    if len(parts) == 1:
+        return parts[0]
+    total = {k: sum(p[k] for p in parts) for k, v in parts[0].items()
+             if isinstance(v, (int, float)) and k != "gpu_idle_ratio"}
+    n = max(total.get("decode_steps", 0), 1)
+    per_keys = parts[0]["per_step"].keys()
+    out = dict(total, per_step={k: total[k] / n for k in per_keys if k in total}, store=parts[-1].get("store"))
+    if "gpu_idle_ratio" in parts[0]:
+        weight = [p.get("retrieval_s", 0.0) for p in parts]
+        out["gpu_idle_ratio"] = (sum(w * p["gpu_idle_ratio"] for w, p in zip(weight, parts)) / sum(weight)
+                                 if sum(weight) > 0 else parts[-1]["gpu_idle_ratio"])
+    return out
 
 
 def profile_steps(step, nxt, a, name: str, steps: int = 3):
@@ -263,6 +295,9 @@ def main(argv=None) -> int:
                    default=["graph-floor", "full", "fixed16-0.05", "fixed16-0.02", "fluxion", "hf-offload", "hf-gpu"])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="Fluxion modes take turns in this many rounds of --warmup + --steps steps each, on one prefill "
+                        "(cancels the host's drift out of their ratios)")
     p.add_argument("--floor-context", type=int, default=1024)
     p.add_argument("--backend", choices=["python", "cpp"], default="cpp", help="FluxionConfig.decode_backend")
     p.add_argument("--no-graphs", action="store_true", help="Fluxion modes through HF's eager forward")
@@ -275,6 +310,8 @@ def main(argv=None) -> int:
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing each Fluxion mode, profile 3 steps (torch.profiler): op table + Chrome trace")
     a = p.parse_args(argv)
+    if a.rounds < 1:
+        p.error(f"--rounds must be >= 1, got {a.rounds}")
     if a.tiny:
         a.model, a.contexts, a.batch, a.steps, a.warmup = "tiny", [2048], [1, 2], 4, 1
     if a.no_whole_steps:
@@ -300,7 +337,6 @@ def main(argv=None) -> int:
                both_read_gbps=both["total"] if both else None)
     rows = []
     floors = {}
-    host_prev = host_bw  # the streaming read measured last (see the rooflines below)
     if "graph-floor" in a.modes and a.device.startswith("cuda"):
         for b in a.batch:
             floors[b] = graph_floor(model, b, a.floor_context, a)
@@ -311,34 +347,37 @@ def main(argv=None) -> int:
     for ctx in a.contexts:
         for b in a.batch:
             ids = torch.randint(0, model.config.vocab_size, (b, ctx), device=a.device)
-            shared = {}  # the Fluxion cache of this prompt, prefilled once for every Fluxion mode
-            for mode in sorted(a.modes, key=lambda m: m.startswith("hf-")):  # Fluxion modes first
-                if mode == "graph-floor" or (mode == "hf-offload" and not a.device.startswith("cuda")):
-                    continue  # both need a GPU
+            fluxion_modes = [m for m in a.modes if m != "graph-floor" and not m.startswith("hf-")]
+            hf_modes = [m for m in a.modes if m.startswith("hf-") and (m != "hf-offload" or a.device.startswith("cuda"))]
+            results = {}
+            if a.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                # The host's read speed drifts within minutes: a Fluxion mode's roofline uses the streaming read
+                # measured just before and just after its steps (averaged), not the one from the run's start.
+                results = run_fluxion_modes(
+                    model, fluxion_modes, ids, a,
+                    lambda: host_read_bandwidth(threads, gib=1.0, min_run_time=0.2)["ceiling"]) if fluxion_modes else {}
+            except torch.OutOfMemoryError:
+                results = {m: None for m in fluxion_modes}
+            for mode in fluxion_modes + hf_modes:
                 if mode.startswith("hf-"):
-                    shared.clear()  # frees the host store before HF's caches need the memory
-                if a.device.startswith("cuda"):
-                    torch.cuda.empty_cache()
-                    if "cache" not in shared:
+                    if a.device.startswith("cuda"):
+                        torch.cuda.empty_cache()
                         torch.cuda.reset_peak_memory_stats()
-                try:
-                    if mode.startswith("hf-"):
-                        times, prefill_s, peak, stats = run_hf(model, mode, ids, a)
-                    else:
-                        times, prefill_s, peak, stats = run_fluxion(model, mode, ids, a, shared)
-                except torch.OutOfMemoryError:
+                    try:
+                        results[mode] = run_hf(model, mode, ids, a) + (host_bw,)
+                    except torch.OutOfMemoryError:
+                        results[mode] = None
+                if results[mode] is None:
                     print(f"{mode:<14} {ctx:>7} {b:>2}  out of GPU memory")
                     rows.append(dict(mode=mode, context=ctx, batch=b, oom=True))
                     continue
+                times, prefill_s, peak, stats, host_mode = results[mode]
                 p50, p99 = statistics.median(times), pct(times, 0.99)
                 per = stats.get("per_step", {}) if stats else {}
                 brk = " ".join(f"{k}={v * 1e3:.2f}ms" for k, v in per.items() if k.endswith("_s"))
-                # The host's read speed drifts within minutes: a Fluxion mode's roofline uses the streaming read
-                # measured just before and just after its steps (averaged), not the one from the run's start.
-                host_mode = host_bw
-                if per:
-                    host_next = host_read_bandwidth(threads, gib=1.0, min_run_time=0.2)["ceiling"]
-                    host_mode, host_prev = (host_prev + host_next) / 2, host_next
                 attn = (attention_step(mode, per, stats, host_mode, pcie_bw, p50, floors.get(b),
                                        both["total"] if both else None, model.config.num_hidden_layers)
                         if per else {})
