@@ -22,7 +22,8 @@ Modes (pick with --modes):
 
   python benchmarks/bench_decode.py --model llama3-8b --contexts 32768 65536 131072 --batch 1 4 --out decode.json
   python benchmarks/bench_decode.py --tiny --device cpu --modes full fixed16-0.05   # smoke test, no GPU
-  python benchmarks/bench_decode.py --contexts 131072 --batch 1 --modes fixed16-0.05 share16-0.05 --rounds 6 --steps 4
+  python benchmarks/bench_decode.py --contexts 131072 --batch 1 --modes fixed16-0.05 share16-0.05 fluxion \\
+      --rounds 3 --steps 8 --warmup 4   # modes in turns (the sharing ratio)
 """
 
 from __future__ import annotations
@@ -297,7 +298,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,
                    help="Fluxion modes take turns in this many rounds of --warmup + --steps steps each, on one prefill "
-                        "(cancels the host's drift out of their ratios)")
+                        "(cancels the host's drift out of their ratios). Each turn reconfigures the cache, which "
+                        "restarts 'fluxion' mode's adaptive sharing (4 exploring steps): use --warmup 4 or more")
     p.add_argument("--floor-context", type=int, default=1024)
     p.add_argument("--backend", choices=["python", "cpp"], default="cpp", help="FluxionConfig.decode_backend")
     p.add_argument("--no-graphs", action="store_true", help="Fluxion modes through HF's eager forward")
