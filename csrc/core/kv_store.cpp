@@ -4,8 +4,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <deque>
+#include <mutex>
 #include <sstream>
+#include <thread>
 
 #include "core/half_convert.h"
 
@@ -32,6 +39,78 @@ inline uint16_t order_key(uint16_t u) { return uint16_t(u ^ (uint16_t(int16_t(u)
 inline uint16_t from_order_key(uint16_t k) { return uint16_t(k ^ (uint16_t(~(int16_t(k) >> 15)) | 0x8000u)); }
 
 }  // namespace
+
+// Faults in requested ranges of the arena on its own thread with MADV_POPULATE_WRITE, which maps the pages as a
+// write would without writing to them: a page the store has written meanwhile keeps its data. Where the kernel
+// lacks it (before Linux 5.14) the requests are dropped and first writes fault as before.
+class HostKVStore::Prefaulter {
+ public:
+  Prefaulter() : thread_([this] { run(); }) {}
+  ~Prefaulter() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  void request(char* begin, int64_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      queue_.emplace_back(begin, bytes);
+    }
+    cv_.notify_all();
+  }
+  int64_t wait_idle() {
+    std::unique_lock<std::mutex> lock(mu_);
+    idle_cv_.wait(lock, [this] { return queue_.empty() && !busy_; });
+    return faulted_bytes_;
+  }
+
+ private:
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return quit_ || !queue_.empty(); });
+      if (quit_) return;
+      auto [begin, bytes] = queue_.front();
+      queue_.pop_front();
+      busy_ = true;
+      lock.unlock();
+      // In 2 MiB steps, so that a store being destroyed waits for one step at most, each followed by a pause as
+      // long as the step took: faulting memory in can hold a core for milliseconds (on a VM the host does the
+      // work), and the decode's threads need the cores more than the prefaulter, which is a page ahead.
+      int64_t done = 0;
+      for (int64_t off = 0; off < bytes && supported_ && !quit_; off += kCommitAlign) {
+        const int64_t n = std::min(kCommitAlign, bytes - off);
+#ifdef MADV_POPULATE_WRITE
+        const auto t0 = std::chrono::steady_clock::now();
+        if (madvise(begin + off, size_t(n), MADV_POPULATE_WRITE) != 0) {
+          if (errno == EINVAL) supported_ = false;  // an older kernel: nothing to do
+          continue;
+        }
+        done += n;
+        std::this_thread::sleep_for(std::chrono::steady_clock::now() - t0);
+#else
+        supported_ = false;
+#endif
+      }
+      lock.lock();
+      faulted_bytes_ += done;
+      busy_ = false;
+      if (queue_.empty()) idle_cv_.notify_all();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_, idle_cv_;
+  std::deque<std::pair<char*, int64_t>> queue_;
+  bool busy_ = false;
+  std::atomic<bool> quit_{false};
+  bool supported_ = true;  // used by the thread only
+  int64_t faulted_bytes_ = 0;
+  std::thread thread_;  // last: started once the members above exist
+};
 
 HostKVStore::HostKVStore(const StoreConfig& config, std::shared_ptr<HostPinner> pinner)
     : config_(config), pinner_(std::move(pinner)) {
@@ -61,6 +140,7 @@ HostKVStore::HostKVStore(const StoreConfig& config, std::shared_ptr<HostPinner> 
 }
 
 HostKVStore::~HostKVStore() {
+  prefaulter_.reset();  // its thread touches the arena: stopped before the mapping goes
   if (pinner_) {
     for (auto& [ptr, bytes] : pinned_chunks_) {
       try {
@@ -174,8 +254,11 @@ void HostKVStore::reserve_free_frames(int64_t frames_needed) {
     committed_bytes_ = new_end;
   }
   const int64_t new_frames = std::min<int64_t>(committed_bytes_ / fb, INT32_MAX);
-  // Hand out low frame ids first: the free list is used as a stack.
-  for (int64_t f = new_frames - 1; f >= committed_frames_; --f) free_frames_.push_back(int32_t(f));
+  // The free list is a stack (back = next). New frames go under the free ones, lowest id nearest the top: frames
+  // that were never used are then handed out in id order, which prefault_ahead relies on.
+  std::vector<int32_t> fresh;
+  for (int64_t f = new_frames - 1; f >= committed_frames_; --f) fresh.push_back(int32_t(f));
+  free_frames_.insert(free_frames_.begin(), fresh.begin(), fresh.end());
   committed_frames_ = new_frames;
 }
 
@@ -211,13 +294,41 @@ std::vector<int64_t> HostKVStore::reserve(int layer, const std::vector<std::pair
     const int64_t n_end = s.lengths[layer] + tokens;
     while (int64_t(s.frames[layer].size()) * P < n_end) {
       s.frames[layer].push_back(free_frames_.back());
+      fresh_frames_ = std::max<int64_t>(fresh_frames_, free_frames_.back() + 1);
       free_frames_.pop_back();
     }
     s.lengths[layer] = n_end;
     stored_tokens_ += tokens;
   }
+  prefault_ahead();
   return first;
 }
+
+void HostKVStore::prefault_ahead() {
+  if (pinner_) return;
+  int64_t live = 0;
+  for (const Sequence& s : seqs_) live += s.live;
+  // Frames never handed out go in id order (the free list hands out low ids first, and a freed frame has been
+  // used), so the next ones to be used for the first time are those from fresh_frames_ on.
+  const int64_t max_frames = std::min<int64_t>(limit_bytes() / frame_bytes(), INT32_MAX);
+  const int64_t want = std::min(max_frames, fresh_frames_ + live * config_.num_layers);
+  // Best effort throughout: the append that called this has already reserved its tokens, and whatever fails here
+  // is done by the append that needs the frames (which reports its own errors).
+  try {
+    // Commit them now if need be (for an unpinned store only an mprotect), so the prefaulter can work ahead of the
+    // append that will need them instead of that append committing and faulting them itself.
+    if (want > committed_frames_) reserve_free_frames(int64_t(free_frames_.size()) + want - committed_frames_);
+    const int64_t end = std::min(committed_frames_, want);
+    const int64_t begin = std::max(prefault_end_, fresh_frames_);
+    if (end <= begin) return;
+    if (!prefaulter_) prefaulter_ = std::make_unique<Prefaulter>();
+    prefaulter_->request(reinterpret_cast<char*>(page(int32_t(begin), 0)), (end - begin) * frame_bytes());
+    prefault_end_ = end;
+  } catch (...) {
+  }
+}
+
+int64_t HostKVStore::wait_prefaulted() const { return prefaulter_ ? prefaulter_->wait_idle() : 0; }
 
 void HostKVStore::write(int layer, int seq, int64_t position, const TokenSource& src, const ParallelFor& parallel) {
   check_layer(layer);

@@ -4,7 +4,8 @@
 // Memory: one virtual address range is reserved up front and committed in chunks as the cache grows, so
 // the arena is a single base pointer (kernels index pages by a 32-bit frame id) and growth never copies
 // stored data. When a HostPinner is given, every committed chunk is page-locked (cudaHostRegister) and
-// the GPU reads it in place over PCIe. An optional byte cap is checked before anything is committed or
+// the GPU reads it in place over PCIe. Otherwise a background thread faults in the next never-used frames
+// ahead of their first write (prefault_ahead). An optional byte cap is checked before anything is committed or
 // written: a failing append throws and leaves every stored token and all metadata as they were.
 #pragma once
 #include <cstdint>
@@ -108,6 +109,9 @@ class HostKVStore {
   int64_t frame_bytes() const { return layout_.frame_elems() * elem_bytes(); }
   bool pinned() const { return pinner_ != nullptr; }
   StoreStats stats() const;
+  // Blocks until the memory of the frames sent to the prefaulter (below) is faulted in; returns the bytes it has
+  // faulted in so far. For tests and benchmarks: appends never wait for it.
+  int64_t wait_prefaulted() const;
 
   // Pointer to page (frame, kv_head).
   uint16_t* page(int32_t frame, int kv_head) const {
@@ -128,6 +132,16 @@ class HostKVStore {
   void reserve_free_frames(int64_t frames_needed);
   // Writes src's tokens at positions [n0, n0 + T) (reserved) with their metadata.
   void write_tokens(int layer, const Sequence& s, int64_t n0, const TokenSource& src, const ParallelFor& parallel);
+  // The first write to a frame never used before faults its memory in, which costs far more than the write (on
+  // the VMs here ~5 ms per 2 MiB huge page: a batch-4 decode step that crossed a page boundary took 15x its
+  // usual time). So an unpinned store has the next never-used frames faulted in on a thread of its own, enough
+  // for every live (sequence, layer) to start a new page; a pinned store's memory is faulted in by pinning.
+  void prefault_ahead();
+
+  class Prefaulter;  // kv_store.cpp
+  std::unique_ptr<Prefaulter> prefaulter_;
+  int64_t fresh_frames_ = 0;    // frames [0, fresh_frames_) have been handed out (new ones go in id order)
+  int64_t prefault_end_ = 0;    // frames below this were handed out or sent to the prefaulter
 
   StoreConfig config_;
   PageLayout layout_;
