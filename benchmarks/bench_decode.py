@@ -271,9 +271,14 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     shared_ceiling = (host_bw if mode.startswith("fixed") or not both_bw
                       else host_bw + (max(both_bw, host_bw) - host_bw) * (1.0 - alone))
     of_both = nbytes / (shared_ceiling * 1e9) / step if step > 0 else float("nan")
+    # Each side's read rate while it ran its batches (bytes / busy time): how far sharing slows the CPU side.
+    def side_rate(nbytes_key, busy_key):
+        return per.get(nbytes_key, 0.0) / per[busy_key] / 1e9 if per.get(busy_key, 0.0) > 0 else 0.0
+
     return dict(attention_ms=step * 1e3, attention_from=source, mb_per_step=nbytes / 1e6,
                 roofline_ms=roofline * 1e3, of_roofline=roofline / step if step > 0 else float("nan"), of_both_ceiling=of_both,
-                gpu_idle_ratio=stats.get("gpu_idle_ratio", 1.0))
+                gpu_idle_ratio=stats.get("gpu_idle_ratio", 1.0), cpu_side_gbps=side_rate("bytes_cpu", "cpu_busy_s"),
+                gpu_side_gbps=side_rate("bytes_pcie", "gpu_busy_s"))
 
 
 # How attention_step measured the attention time, as printed after it.
@@ -391,7 +396,8 @@ def main(argv=None) -> int:
                        f"both-at-once ceiling), GPU idle "
                        f"{attn['gpu_idle_ratio']:.0%}, whole-step graphs {stats.get('graph_steps', 0)}/"
                        f"{stats.get('decode_steps', 0)} steps, CPU-alone layer steps "
-                       f"{stats.get('cpu_alone_steps', 0)}, host read {host_mode:.1f} GB/s") if attn else ""
+                       f"{stats.get('cpu_alone_steps', 0)}, host read {host_mode:.1f} GB/s, sides read CPU "
+                       f"{attn['cpu_side_gbps']:.1f} + GPU {attn['gpu_side_gbps']:.1f} GB/s") if attn else ""
                 vs_floor = f"  ({p50 / floors[b]:.2f}x the graph floor)" if b in floors else ""
                 line = (f"{mode:<14} {ctx:>7} {b:>2} {p50 * 1e3:>8.2f}ms {p99 * 1e3:>7.2f}ms {prefill_s:>9.2f} "
                         f"{peak / 2**30:>8.2f}{eff}{vs_floor}")

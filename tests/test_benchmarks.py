@@ -36,5 +36,8 @@ def test_rounds_time_every_mode_in_turns(tmp_path):
         assert r["stats"]["decode_steps"] == 2 * 4  # two turns of the tiny run's 4 timed steps
         assert r["stats"]["per_step"]["bytes_cpu"] > 0
         assert r["attention_ms"] > 0
+        per = r["stats"]["per_step"]
+        assert r["cpu_side_gbps"] == pytest.approx(per["bytes_cpu"] / per["cpu_busy_s"] / 1e9)
+        assert r["gpu_side_gbps"] == 0.0  # no GPU side on the CPU
     with pytest.raises(SystemExit):
         bench_decode.main(["--tiny", "--device", "cpu", "--rounds", "0"])
