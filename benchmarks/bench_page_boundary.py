@@ -20,9 +20,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_rows  # noqa: E402
+from common import build_store, environment, write_rows  # noqa: E402
 
-import fluxion  # noqa: E402
+import fluxion  # noqa: E402,F401  (registers torch.classes.fluxion)
+
 
 
 def main(argv=None) -> int:
@@ -35,22 +36,18 @@ def main(argv=None) -> int:
     p.add_argument("--context", type=int, default=8192, help="the first boundary; the prefill stops 3 tokens short")
     p.add_argument("--boundaries", type=int, default=2)
     p.add_argument("--budget", type=float, default=0.05)
+    p.add_argument("--page-tokens", type=int, default=1024, help="tokens per host page")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
+    page = a.page_tokens
+    if a.context % page:
+        p.error(f"--context must be a multiple of --page-tokens {page} (a page boundary), got {a.context}")
     env = environment()
     B, L, d = a.batch, a.layers, a.head_dim
-    store = fluxion.HostKVStore(L, a.hkv, d, torch.bfloat16, pin=False)
-    page = 1024  # HostKVStore's default page_tokens
-    if a.context % page:
-        p.error(f"--context must be a multiple of {page} (a page boundary), got {a.context}")
-    seqs = [store.add_sequence() for _ in range(B)]
+    store, seqs = build_store(a.context - 3, L, a.hkv, d, B, page_tokens=page)
     rt = torch.classes.fluxion.HybridRuntime(store._impl, a.hq, "cpu", 64, 256, 0)
-    rt.set_sequences(seqs)
-    n0 = a.context - 3
-    g = torch.Generator().manual_seed(0)
-    for layer in range(L):
-        k = torch.randn(B, a.hkv, n0, d, generator=g).to(torch.bfloat16)
-        rt.prefill(layer, k, k.clone(), None)
+    rt.set_sequences(seqs)  # the windows come from the store
+    g = torch.Generator().manual_seed(1)
     budgets = torch.full((B, a.hq), a.budget)
     sizes = torch.full((B, a.hkv), 16, dtype=torch.int32)
     q = torch.randn(B, a.hq, d, generator=g).to(torch.bfloat16)
