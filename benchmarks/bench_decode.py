@@ -252,7 +252,8 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     the PCIe term weighted by the share of the `layers` layer steps that did not run on the CPU alone
     (device_policy 'auto' leaves the GPU out where that reads faster: per-step cpu_alone_steps).
     Its time is the C++ step's host-measured step_s less model_wait_s (the shared step's wait for q, which is the
-    model's own GPU work of the layer before its attention, not attention). Layer steps
+    model's own GPU work of the layer before its attention, not attention). The host work a shared step does
+    before that wait (planning, the window's kernels) counts, though it overlaps the model's GPU work. Layer steps
     that ran on the GPU alone (gpu_alone_steps) never wait: their host time is only the enqueueing, so there
     the attention time is taken as TPOT minus the whole-step graph floor (which holds the non-attention work).
     of_both_ceiling: the same bytes against the rate both devices reached reading host memory at once

@@ -511,8 +511,9 @@ class HybridAttentionRuntime:
     # ------------------------------------------------------------------ whole-step CUDA graphs
     def graph_begin(self):
         """Starts a decode step whose attention runs inside a captured CUDA graph (fluxion/graphs.py): every
-        layer's step must be a GPU-alone step (model on a GPU, decode_backend 'cpp', GPU retrieval allowed and
-        each layer's retrieval reading less than :attr:`min_shared_volume`, or device_policy 'gpu').
+        layer's step must be a GPU-alone step (model on a GPU, decode_backend 'cpp', GPU retrieval allowed,
+        ``local`` > 0, and each layer's retrieval reading less than :attr:`min_shared_volume`, or device_policy
+        'gpu').
 
         Returns None when this step does not qualify (nothing changed: run :meth:`decode` per layer). Otherwise
         the new token's store positions are reserved in every layer, each layer's plan is written to a

@@ -10,7 +10,8 @@ from fluxion import reference as R
 from conftest import make_kv, make_q
 
 
-def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0, min_shared_volume=None, adaptive=False):
+def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0, min_shared_volume=None, adaptive=False,
+         local=256):
     """`steps` decode steps of layer 1 after a prefill. min_shared_volume: 0 makes every GPU step share the
     queue with the CPU, a huge value makes it run on the GPU alone (no host sync; deferred store writes).
     adaptive: device_policy 'auto''s choice between sharing a step and running it on the CPU alone."""
@@ -18,7 +19,7 @@ def _run(device, use_gpu, budgets_value, block=16, steps=4, seed=0, min_shared_v
     dev = torch.device(device)
     store = fluxion.HostKVStore(L, hkv, d, torch.bfloat16, pin=dev.type == "cuda")
     seqs = [store.add_sequence() for _ in range(2)]
-    rt = torch.classes.fluxion.HybridRuntime(store._impl, hq, str(dev), 64, 256, 2)
+    rt = torch.classes.fluxion.HybridRuntime(store._impl, hq, str(dev), 64, local, 2)
     if min_shared_volume is not None:
         rt.configure(2, True, min_shared_volume)
     rt.set_adaptive_sharing(adaptive)
@@ -63,6 +64,18 @@ def test_full_budget_equals_dense_attention(device, use_gpu, path):
         assert stats["gpu_tasks"] == 0 and stats["gpu_alone_steps"] == 0
     else:
         assert stats["gpu_alone_steps"] == (4 if path == "gpu-alone" else 0) and stats["gpu_bytes"] > 0
+
+
+@pytest.mark.parametrize("path", ["shared", "gpu-alone"])
+def test_without_a_local_window_each_step_retrieves_its_own_token(device, path):
+    # local = 0: the new token lies in the retrieval range at once, so the step must write it to the host store
+    # before any retrieval reads the store (a GPU step otherwise defers that write until its copy lands).
+    outs, refs, stats = _run(device, True, 1.0, min_shared_volume=0 if path == "shared" else 1 << 40, local=0)
+    for out, (q, ks, vs) in zip(outs, refs):
+        for b in range(2):
+            fo, _ = R.full_attention(q[b:b + 1], ks[b][None], vs[b][None], torch.tensor([ks[b].shape[1]]), 64 ** -0.5)
+            torch.testing.assert_close(out[b], fo[0], atol=1e-4, rtol=1e-3)
+    assert stats["gpu_alone_steps"] == 0  # never deferred
 
 
 def _check_against_reference(outs, refs, budget, block=32):

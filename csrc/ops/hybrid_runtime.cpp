@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string_view>
 #include <tuple>
 #include <thread>
@@ -88,6 +89,15 @@ at::Tensor upload_pinned(const at::Tensor& src, at::Device device) {
   return dst;
 }
 
+// An event recorded on `stream` now, destroyed with its last reference (a deferred store write may hold it).
+std::shared_ptr<CUevent_st> record_shared_event(cudaStream_t stream) {
+  cudaEvent_t ev;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
+  std::shared_ptr<CUevent_st> event(ev, [](cudaEvent_t e) { cudaEventDestroy(e); });
+  C10_CUDA_CHECK(cudaEventRecord(ev, stream));
+  return event;
+}
+
 // The address kernels read a tensor at: its data pointer on the device, the mapped address of page-locked host
 // memory.
 const float* device_address(const at::Tensor& t) {
@@ -100,6 +110,23 @@ const float* device_address(const at::Tensor& t) {
   return static_cast<const float*>(dev);
 }
 #endif
+
+// Writes a layer's pending store writes when it goes out of scope (a no-op once they are written): a shared step
+// that fails between reserving its token and writing it must not leave a write whose staging buffer the next step
+// reuses.
+struct FlushOnExit {
+  const StoreHolder& store;
+  int64_t layer;
+  FlushOnExit(const StoreHolder& s, int64_t l) : store(s), layer(l) {}
+  FlushOnExit(const FlushOnExit&) = delete;
+  FlushOnExit& operator=(const FlushOnExit&) = delete;
+  ~FlushOnExit() {
+    try {
+      store.flush_pending(layer);
+    } catch (...) {  // a destructor must not throw; the step's own error is the one reported
+    }
+  }
+};
 
 // The per-head tables of a step, checked: budgets float32 in [0, 1], block sizes int32 in {16, 32, 64, 128},
 // both on the CPU with the given shapes. Returns contiguous tensors.
@@ -353,9 +380,10 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   for (const auto& task : tasks) volume += task.volume;
   // A small step runs on the GPU alone, without waiting for the device: the host enqueues it and returns,
   // which keeps the GPU's queue full (a CPU share would need q on the host, i.e. a sync whose latency costs
-  // more than the CPU saves). Larger steps share the queue between the CPU and the GPU.
+  // more than the CPU saves). Larger steps share the queue between the CPU and the GPU. Without a local window
+  // the new token is retrieved at once, so its host copy must land first: no GPU-alone steps then.
   use_gpu = use_gpu && on_gpu;
-  const bool gpu_alone = use_gpu && (!cpu_retrieval || volume < min_shared_volume);
+  const bool gpu_alone = use_gpu && local > 0 && (!cpu_retrieval || volume < min_shared_volume);
   const bool adaptive = adaptive_sharing && use_gpu && !gpu_alone;
   if (adaptive) {
     if (int64_t(sharing_choice.size()) <= layer) sharing_choice.resize(size_t(layer) + 1);
@@ -376,22 +404,25 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   plan_s += since(t);
   t = Clock::now();
 
-  // 2. The new token: host store and dense window. The GPU-alone step reserves its store positions now and
-  //    writes them once an async device -> host copy lands (the token is read from the store only after it
-  //    leaves the local window, `local` steps from now); the shared step stages q/k/v in one transfer and one
-  //    wait, since its CPU side needs q anyway.
+  // 2. The new token: host store and dense window. On a GPU the step reserves the token's store positions now
+  //    and writes them once an async device -> host copy has landed. The GPU-alone step never waits for that copy
+  //    (the token is read from the store only after it leaves the local window, `local` steps from now). The
+  //    shared step stages q/k/v in one transfer, since its CPU side needs q anyway, and waits for it only after it
+  //    has enqueued the plan and the window's kernels: the host does that work while the GPU still runs the
+  //    model's layer that produces q, rather than after it.
   const auto host_opts = at::TensorOptions().dtype(store->scalar_type()).pinned_memory(on_gpu);
   const uint16_t* q16 = nullptr;  // the shared step's staged q [B, Hq, D]
+#ifdef FLUXION_WITH_CUDA
+  std::shared_ptr<CUevent_st> staged_event;  // the shared step's staging copies done (on a GPU)
+#endif
+  std::optional<FlushOnExit> flush_staged;
   if (gpu_alone) {
 #ifdef FLUXION_WITH_CUDA
     const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
     at::Tensor kv_h = at::empty({2, B, Hkv, 1, D}, host_opts);
     kv_h[0].copy_(k, /*non_blocking=*/true);
     kv_h[1].copy_(v, /*non_blocking=*/true);
-    cudaEvent_t ev;
-    C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-    std::shared_ptr<CUevent_st> copied(ev, [](cudaEvent_t e) { cudaEventDestroy(e); });
-    C10_CUDA_CHECK(cudaEventRecord(ev, stream.stream()));
+    auto copied = record_shared_event(stream.stream());
     store->append_deferred(layer, ids, kv_h[0], kv_h[1], [copied] { C10_CUDA_CHECK(cudaEventSynchronize(copied.get())); });
 #endif
   } else {
@@ -408,18 +439,20 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       copy_to_host_async(q_dst, q, store->scalar_type(), stream);
       copy_to_host_async(k_dst, k, store->scalar_type(), stream);
       copy_to_host_async(v_dst, v, store->scalar_type(), stream);
-      // Waits for q's producers: the model's own GPU work of this layer, timed apart.
-      const auto w = Clock::now();
-      C10_CUDA_CHECK(cudaStreamSynchronize(stream));
-      model_wait_s += since(w);
+      staged_event = record_shared_event(stream);
+      // Written by flush_pending(layer) right after the wait for q below (by flush_staged if the step fails first).
+      flush_staged.emplace(*store, layer);
+      store->append_deferred(layer, ids, staged.narrow(0, nq, nkv).view({B, Hkv, 1, D}),
+                             staged.narrow(0, nq + nkv, nkv).view({B, Hkv, 1, D}),
+                             [ev = staged_event] { C10_CUDA_CHECK(cudaEventSynchronize(ev.get())); });
 #endif
     } else {
       const auto opts = at::TensorOptions().dtype(store->scalar_type());
       at::from_blob(q_dst, {B, Hq, D}, opts).copy_(q);
       at::from_blob(k_dst, {B, Hkv, 1, D}, opts).copy_(k);
       at::from_blob(v_dst, {B, Hkv, 1, D}, opts).copy_(v);
+      store->append_token(layer, ids, k_dst, v_dst);
     }
-    store->append_token(layer, ids, k_dst, v_dst);
   }
   append_s += since(t);
   t = Clock::now();
@@ -476,7 +509,20 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     return merge_parts(outs, lses, Clock::now(), t_step);
   }
 
-  // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free.
+  // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free. First the
+  //     wait for q's producers (the model's own GPU work of this layer, timed apart), which also waits for
+  //     everything enqueued before, i.e. for the previous steps' merges that read the CPU part buffer written
+  //     below; then the token goes into the store.
+#ifdef FLUXION_WITH_CUDA
+  if (staged_event) {
+    t = Clock::now();
+    C10_CUDA_CHECK(cudaEventSynchronize(staged_event.get()));
+    model_wait_s += since(t);
+    store->flush_pending(layer);
+    append_s += since(t);
+    t = Clock::now();
+  }
+#endif
   q_float_.resize(size_t(B * Hq * D));
   {
     const bool bf16 = store->scalar_type() == at::kBFloat16;
@@ -734,8 +780,10 @@ std::tuple<int64_t, int64_t, int64_t> HybridRuntime::graph_begin(const std::vect
   const float* bud_p = bud.data_ptr<float>();
   const int32_t* bsz_p = bsz.data_ptr<int32_t>();
 
-  // Is every layer's step a GPU-alone step? (Checked before anything changes.)
+  // Is every layer's step a GPU-alone step? (Checked before anything changes; never without a local window, see
+  // step().)
   store->flush_pending();  // the previous step's tokens: its graph has finished with the staging slots
+  if (local == 0) return {0, 0, 0};
   std::vector<std::vector<int32_t>> lens(static_cast<size_t>(L), std::vector<int32_t>(static_cast<size_t>(B)));
   int64_t frames = 1;
   for (int64_t l = 0; l < L; ++l) {
