@@ -38,6 +38,9 @@ def _want_cuda() -> bool:
 
 
 def _git_sha() -> str:
+    """$FLUXION_GIT_SHA when set (copies of the tree whose .git is missing or stale), else git's HEAD."""
+    if os.environ.get("FLUXION_GIT_SHA"):
+        return os.environ["FLUXION_GIT_SHA"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                        stderr=subprocess.DEVNULL).strip()

@@ -3,12 +3,15 @@
 # Logs and JSON go to $OUT (default ./gpu_out), also packed into $OUT/results.tgz.
 #   bash scripts/gpu_session.sh full     # every test and the full sweeps (> 1 h: longer than one device call)
 #   bash scripts/gpu_session.sh short    # GPU tests + the reduced sweeps recorded in BENCHMARKS.md (~8 min)
+# Set FLUXION_GIT_SHA to the commit being measured: the device's copy of the tree may carry a stale .git, and the
+# build info and every result file record this value.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 what=${1:-short}
 export PYTHONUNBUFFERED=1
+export FLUXION_GIT_SHA=${FLUXION_GIT_SHA:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 # The image's default g++ (/opt/gcc) builds an extension whose C++ exceptions crash the process instead of
 # raising; the system compiler does not.
 export CXX=${CXX:-/usr/bin/g++}
