@@ -179,7 +179,7 @@ TEST_CASE("a capped GPU side leaves the rest to the CPU; one side alone takes on
   core::ControlThread control;
   core::TaskQueue q(tasks);
   core::QueueRunStats st;
-  int64_t ran = 0;
+  std::atomic<int64_t> ran{0};  // both sides add to it
   core::QueueSplit one_gpu_pull;
   one_gpu_pull.max_gpu_batches = 1;
   core::run_task_queue(
