@@ -25,7 +25,6 @@ from common import build_store, environment, write_rows  # noqa: E402
 import fluxion  # noqa: E402,F401  (registers torch.classes.fluxion)
 
 
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, default=4)
