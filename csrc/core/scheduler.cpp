@@ -124,7 +124,7 @@ void SharingChoice::record(bool shared, int64_t bytes, double seconds) {
 }
 
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
-                    const QueueSplit& split, QueueRunStats* stats) {
+                    const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job) {
   if (!cpu_fn && !gpu_fn) throw std::invalid_argument("run_task_queue needs a CPU or a GPU consumer");
   if (gpu_fn && !control) throw std::invalid_argument("run_task_queue: a GPU consumer needs a control thread");
   const double t0 = now_s();
@@ -145,6 +145,12 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   // Likewise the GPU side pulls ahead of its running batches only once the CPU side has made its first pull, so
   // both first pulls are the shares they were sized as.
   std::atomic<bool> cpu_first_pulled{!shared};
+  bool job_done = !control_job;
+  auto run_job = [&] {
+    if (job_done) return;
+    job_done = true;
+    control_job();
+  };
   auto gpu_loop = [&] {
     // Up to gpu_in_flight batches run at once; busy time is the union of their [launch, finished] intervals.
     std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
@@ -173,17 +179,25 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
         running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
         running_volume += volume;
         st.gpu_tasks += e - b;
+        run_job();  // while the first batch runs
       }
+      run_job();
       while (!running.empty()) wait_oldest();
     } catch (...) {
       gpu_error = std::current_exception();
+      run_job();
       try {  // launched batches still write their outputs: let them finish before the step's buffers go
         while (!running.empty()) wait_oldest();
       } catch (...) {
       }
     }
   };
-  if (gpu_fn) control->start(gpu_loop);
+  if (gpu_fn) {
+    control->start(gpu_loop);
+  } else if (control_job) {
+    if (control) control->start(run_job);
+    else run_job();
+  }
   std::exception_ptr cpu_error;
   auto cpu_batch = [&](int64_t b, int64_t e) {
     const double t = now_s();
@@ -205,7 +219,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
       cpu_error = std::current_exception();
     }
   }
-  if (gpu_fn) control->wait();
+  if (gpu_fn || (control_job && control)) control->wait();
   // The GPU stopped after max_gpu_batches pulls: what is left runs where it can.
   if (!cpu_error && !gpu_error) {
     const auto [b, e] = queue.pop_batch(queue.total_volume() + 1);

@@ -138,7 +138,10 @@ class SharingChoice {
 // launch), so the GPU always gets its first share. Empty gpu_fn:
 // everything runs on the CPU in one batch; empty cpu_fn: everything on the GPU in one batch. The GPU pulls
 // at most split.max_gpu_batches times (anything left then runs on the CPU).
+// control_job: work for the control thread that is off the critical path (the decode step's store write), run
+// once: by the GPU side right after its first launch, or, without a GPU side, on `control` beside the CPU side
+// (on the calling thread first when there is no `control`). It must not throw; the run returns after it.
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
-                    const QueueSplit& split, QueueRunStats* stats);
+                    const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job = {});
 
 }  // namespace fluxion::core

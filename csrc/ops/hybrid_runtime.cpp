@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <exception>
+#include <functional>
 #include <limits>
 #include <optional>
 #include <string_view>
@@ -440,19 +442,22 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       copy_to_host_async(k_dst, k, store->scalar_type(), stream);
       copy_to_host_async(v_dst, v, store->scalar_type(), stream);
       staged_event = record_shared_event(stream);
-      // Written by flush_pending(layer) right after the wait for q below (by flush_staged if the step fails first).
-      flush_staged.emplace(*store, layer);
-      store->append_deferred(layer, ids, staged.narrow(0, nq, nkv).view({B, Hkv, 1, D}),
-                             staged.narrow(0, nq + nkv, nkv).view({B, Hkv, 1, D}),
-                             [ev = staged_event] { C10_CUDA_CHECK(cudaEventSynchronize(ev.get())); });
 #endif
     } else {
       const auto opts = at::TensorOptions().dtype(store->scalar_type());
       at::from_blob(q_dst, {B, Hq, D}, opts).copy_(q);
       at::from_blob(k_dst, {B, Hkv, 1, D}, opts).copy_(k);
       at::from_blob(v_dst, {B, Hkv, 1, D}, opts).copy_(v);
-      store->append_token(layer, ids, k_dst, v_dst);
     }
+    // Written by flush_pending(layer) after the wait for q below, beside or before the retrieval (by flush_staged if
+    // the step fails first).
+    std::function<void()> ready;
+#ifdef FLUXION_WITH_CUDA
+    if (staged_event) ready = [ev = staged_event] { C10_CUDA_CHECK(cudaEventSynchronize(ev.get())); };
+#endif
+    flush_staged.emplace(*store, layer);
+    store->append_deferred(layer, ids, staged.narrow(0, nq, nkv).view({B, Hkv, 1, D}),
+                           staged.narrow(0, nq + nkv, nkv).view({B, Hkv, 1, D}), std::move(ready));
   }
   append_s += since(t);
   t = Clock::now();
@@ -512,17 +517,35 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free. First the
   //     wait for q's producers (the model's own GPU work of this layer, timed apart), which also waits for
   //     everything enqueued before, i.e. for the previous steps' merges that read the CPU part buffer written
-  //     below; then the token goes into the store.
+  //     below; then the token goes into the store. When the local window holds at least one block of the largest
+  //     size, the retrieval reads neither the token's rows nor a metadata row its write changes (the last
+  //     candidate block ends `local` tokens before it, at every granularity), so the write can run beside it.
+  t = Clock::now();
 #ifdef FLUXION_WITH_CUDA
   if (staged_event) {
-    t = Clock::now();
     C10_CUDA_CHECK(cudaEventSynchronize(staged_event.get()));
     model_wait_s += since(t);
-    store->flush_pending(layer);
-    append_s += since(t);
-    t = Clock::now();
   }
 #endif
+  // On a GPU the control thread has a core of its own and idles while its first batch runs (or, in `fixed` mode,
+  // throughout): the write goes there, and run_task_queue returns only after it.
+  const bool write_beside = on_gpu && local >= core::kGranularities[core::kNumGranularities - 1];
+  std::exception_ptr write_error;
+  std::function<void()> write_token;
+  if (write_beside) {
+    write_token = [this, layer, &write_error] {
+      try {
+        store->flush_pending(layer);
+      } catch (...) {
+        write_error = std::current_exception();
+      }
+    };
+    if (!control) control = std::make_unique<core::ControlThread>();
+  } else {
+    store->flush_pending(layer);
+  }
+  append_s += since(t);
+  t = Clock::now();
   q_float_.resize(size_t(B * Hq * D));
   {
     const bool bf16 = store->scalar_type() == at::kBFloat16;
@@ -621,7 +644,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   split.max_gpu_batches = int(max_gpu_batches);
   if (cpu_rate > 0 && gpu_rate > 0) split.cpu_share = cpu_rate / (cpu_rate + gpu_rate);
   core::run_task_queue(queue, (cpu_retrieval || !gpu_fn) ? cpu_fn : core::CpuBatchFn{}, gpu_fn, control.get(), split,
-                       &qs);
+                       &qs, write_token);
+  if (write_error) std::rethrow_exception(write_error);
   const double shared_s = since(t);
   retrieval_s += shared_s;
   shared_retrieval_s += shared_s;

@@ -280,6 +280,73 @@ std::vector<bool> drive(core::SharingChoice& c, int steps, SharedRate shared, Al
   return picks;
 }
 
+TEST_CASE("the control job runs once, after the GPU side's first launch or beside a CPU-only run", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  core::ControlThread control;
+  const auto caller = std::this_thread::get_id();
+  for (int rep = 0; rep < 20; ++rep) {
+    // Shared: the job runs on the control thread, after the first launch and before that batch is waited for.
+    {
+      core::TaskQueue q(tasks);
+      std::atomic<int> jobs{0}, launches{0}, waited{0};
+      std::atomic<int> launches_before_job{-1}, waits_before_job{-1};
+      std::thread::id job_thread;
+      core::QueueSplit split;
+      split.cpu_share = 0.5;
+      core::run_task_queue(
+          q, [&](int64_t, int64_t) {},
+          [&](int64_t, int64_t, int) {
+            ++launches;
+            return core::GpuWaitFn([&] { ++waited; });
+          },
+          &control, split, nullptr,
+          [&] {
+            launches_before_job = launches.load();
+            waits_before_job = waited.load();
+            job_thread = std::this_thread::get_id();
+            ++jobs;
+          });
+      REQUIRE(jobs == 1);
+      REQUIRE(launches_before_job == 1);
+      REQUIRE(waits_before_job == 0);
+      REQUIRE(job_thread != caller);
+    }
+    // CPU only, with a control thread: the job runs there while the CPU side works, and the run returns after it.
+    {
+      core::TaskQueue q(tasks);
+      std::atomic<bool> job_started{false}, job_done{false};
+      std::thread::id job_thread;
+      int cpu_batches = 0;
+      core::run_task_queue(
+          q,
+          [&](int64_t, int64_t) {
+            ++cpu_batches;
+            for (int i = 0; i < 100000 && !job_started; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
+          },
+          core::GpuBatchFn{}, &control, core::QueueSplit{}, nullptr,
+          [&] {
+            job_started = true;
+            job_thread = std::this_thread::get_id();
+            std::this_thread::sleep_for(std::chrono::milliseconds(2));
+            job_done = true;
+          });
+      REQUIRE(job_started);
+      REQUIRE(job_done);  // the run waited for it
+      REQUIRE(cpu_batches == 1);
+      REQUIRE(job_thread != caller);
+    }
+    // No control thread: the calling thread runs it.
+    {
+      core::TaskQueue q(tasks);
+      std::thread::id job_thread;
+      core::run_task_queue(q, [&](int64_t, int64_t) {}, core::GpuBatchFn{}, nullptr, core::QueueSplit{}, nullptr,
+                           [&] { job_thread = std::this_thread::get_id(); });
+      REQUIRE(job_thread == caller);
+    }
+  }
+}
+
 TEST_CASE("adaptive sharing explores both options, then runs the faster and probes the other", "[scheduler]") {
   core::SharingChoice c;
   const auto picks = drive(c, 3 * core::SharingChoice::kProbeEvery, [](int) { return 50.0; }, [](int) { return 80.0; });
