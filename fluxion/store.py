@@ -27,8 +27,10 @@ class HostKVStore:
 
     Frames of ``page_tokens`` tokens are allocated as sequences grow (never re-copied). With ``pin=True``
     (default ``None``: pinned when a CUDA build sees a GPU) the arena is page-locked so CUDA kernels read
-    it in place. ``byte_cap`` bounds committed memory: an append that would exceed it raises
-    :class:`CapacityError` and stores nothing.
+    it in place; a pinned store commits and pins its next chunk on a thread of its own before appends need it
+    (pinning holds the CUDA driver's lock, so a decode step that pinned gigabytes itself would stall for seconds).
+    ``byte_cap`` bounds committed memory: an append that would exceed it raises :class:`CapacityError` and stores
+    nothing.
     """
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype = torch.bfloat16,
@@ -57,6 +59,11 @@ class HostKVStore:
         """Frames (page_tokens x all KV heads of one layer and sequence) appends can still obtain under the
         byte cap / reservation; an append needing more raises CapacityError."""
         return self._impl.frames_available()
+
+    def wait_pinned_ahead(self) -> int:
+        """A pinned store: waits for the chunk being pinned ahead of need, takes it in, and returns the bytes
+        pinned ahead so far (0 for an unpinned store). Appends wait for it only when they need its frames."""
+        return self._impl.wait_pinned_ahead()
 
     def add_sequence(self) -> int:
         return self._impl.add_sequence()

@@ -377,6 +377,35 @@ def test_retrieval_long_context_matches_cpu(G):
         assert_attention_close(out, lse, co, cl, atol=1e-4, what=f"bs={bs}")
 
 
+def test_store_pinned_ahead_is_read_by_the_kernels():
+    """A pinned store grows on a thread of its own before appends need the memory (HostKVStore::pin_ahead); the
+    kernels read the chunks pinned there as they read the rest."""
+    if not _cpu_twin("retrieval_attention"):
+        pytest.skip("CPU kernels not built")
+    hkv, G, D, P, n = 8, 4, 128, 1024, 12 * 1024  # 24 frames of ~4.5 MiB: the first 64 MiB commit holds 14
+    g = torch.Generator().manual_seed(5)
+    k = torch.randn(2, hkv, n, D, generator=g).to(torch.bfloat16)
+    v = torch.randn(2, hkv, n, D, generator=g).to(torch.bfloat16)
+    store = fluxion.HostKVStore(1, hkv, D, torch.bfloat16, page_tokens=P, pin=True)
+    seqs = [store.add_sequence(), store.add_sequence()]
+    for lo in range(0, n, P):
+        for b in range(2):
+            store.append(0, [seqs[b]], k[b:b + 1, :, lo:lo + P], v[b:b + 1, :, lo:lo + P])
+    assert store.wait_pinned_ahead() > 0
+    st = store.stats()
+    assert st["pinned_bytes"] == st["committed_bytes"] >= st["allocated_bytes"]
+    q = torch.randn(2, hkv * G, D, generator=g).to(torch.bfloat16)
+    pages, ft, sl = store.pages(), store.frame_table(0, seqs), store.seq_lens(0, seqs)
+    budgets = torch.ones(2, hkv * G)  # every block: the whole store is read
+    sizes = torch.full((2, hkv), 16, dtype=torch.int32)
+    groups = torch.arange(2 * hkv, dtype=torch.int32)
+    out, lse, nb = OPS.retrieval_attention(q.cuda(), pages, ft.cuda(), sl.cuda(), budgets.cuda(), sizes.cuda(),
+                                           groups.cuda(), P, 64, 256, D ** -0.5)
+    co, cl, cb = OPS.retrieval_attention(q, pages, ft, sl, budgets, sizes, groups, P, 64, 256, D ** -0.5)
+    assert torch.equal(nb.cpu(), cb)
+    assert_attention_close(out, lse, co, cl, atol=1e-4, what="store pinned ahead")
+
+
 def test_retrieval_budget_edges():
     case = Case([1000, 300], hkv=2, G=4, D=64, grid=True)  # 300 <= sink + local: no candidates
     sink, local = 64, 256

@@ -110,6 +110,7 @@ def test_frames_are_reused_and_accounting():
     assert st["metadata_bytes"] == blocks * hkv * 2 * d * 2
     assert st["frames_in_use"] == 3  # ceil(600 / 256)
     assert st["pinned_bytes"] == 0 and not store.pinned
+    assert store.wait_pinned_ahead() == 0  # pinning ahead is for pinned stores only
     assert st["committed_bytes"] >= st["allocated_bytes"] > st["kv_bytes"]
     store.free_sequence(s)
     committed = store.stats()["committed_bytes"]

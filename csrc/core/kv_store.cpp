@@ -13,6 +13,7 @@
 #include <mutex>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include "core/half_convert.h"
 
@@ -21,6 +22,9 @@ namespace {
 
 constexpr int64_t kCommitAlign = int64_t(2) << 20;    // 2 MiB: huge-page friendly, page-aligned for pinning
 constexpr int64_t kMinCommitBytes = int64_t(64) << 20;
+// Pinned ahead of need in pieces of this size: pinning one (faulted-in) piece holds the CUDA driver's lock for ~4 ms
+// on the H200 box (4 GiB took 120 ms), and every thread's CUDA calls wait for it.
+constexpr int64_t kPinPiece = int64_t(128) << 20;
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
@@ -112,6 +116,106 @@ class HostKVStore::Prefaulter {
   std::thread thread_;  // last: started once the members above exist
 };
 
+// Commits, faults in and pins one chunk of the arena at a time on a thread of its own (see pin_ahead). The store
+// hands it a chunk beyond its committed memory and touches none of it until finish() has returned the pinned pieces.
+class HostKVStore::PinAhead {
+ public:
+  explicit PinAhead(HostPinner& pinner) : pinner_(pinner), thread_([this] { run(); }) {}
+  ~PinAhead() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      quit_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+    unpin(pieces_);  // a chunk finished but never taken in
+  }
+  void start(char* begin, int64_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (state_ != State::kIdle) throw std::logic_error("PinAhead::start while a chunk is in flight");
+      job_ = {begin, bytes};
+      state_ = State::kQueued;
+      urgent_ = false;
+    }
+    cv_.notify_all();
+  }
+  bool done() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return state_ == State::kDone;
+  }
+  // Waits for the chunk, from then on without pauses; returns its pinned pieces, which the caller now owns (none if
+  // it failed: then nothing of it stays committed).
+  std::vector<std::pair<void*, size_t>> finish() {
+    std::unique_lock<std::mutex> lock(mu_);
+    urgent_ = true;
+    done_cv_.wait(lock, [this] { return state_ == State::kDone || state_ == State::kIdle; });
+    state_ = State::kIdle;
+    return std::exchange(pieces_, {});
+  }
+
+ private:
+  enum class State { kIdle, kQueued, kRunning, kDone };
+  void unpin(const std::vector<std::pair<void*, size_t>>& pieces) {
+    for (const auto& [ptr, bytes] : pieces) {
+      try {
+        pinner_.unpin(ptr, bytes);
+      } catch (...) {  // best effort: the caller goes on either way
+      }
+    }
+  }
+  void run() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return quit_ || state_ == State::kQueued; });
+      if (quit_) return;
+      state_ = State::kRunning;
+      const auto [begin, bytes] = job_;
+      lock.unlock();
+      std::vector<std::pair<void*, size_t>> pieces;
+      bool ok = mprotect(begin, size_t(bytes), PROT_READ | PROT_WRITE) == 0;
+      for (int64_t off = 0; ok && off < bytes; off += kPinPiece) {
+        if (quit_) {
+          ok = false;
+          break;
+        }
+        const auto t0 = std::chrono::steady_clock::now();
+        const size_t n = size_t(std::min(kPinPiece, bytes - off));
+#ifdef MADV_POPULATE_WRITE
+        madvise(begin + off, n, MADV_POPULATE_WRITE);  // best effort: pinning faults in whatever is left
+#endif
+        try {
+          pinner_.pin(begin + off, n);
+          pieces.emplace_back(begin + off, n);
+        } catch (...) {
+          ok = false;
+        }
+        // A pause as long as the piece took: the decode's threads need the cores, and the driver's lock, more.
+        if (!urgent_) std::this_thread::sleep_for(std::chrono::steady_clock::now() - t0);
+      }
+      if (!ok) {  // give the chunk back whole: the append that needs it grows the store itself (and reports why not)
+        unpin(pieces);
+        pieces.clear();
+        madvise(begin, size_t(bytes), MADV_DONTNEED);
+        mprotect(begin, size_t(bytes), PROT_NONE);
+      }
+      lock.lock();
+      pieces_ = std::move(pieces);
+      state_ = State::kDone;
+      done_cv_.notify_all();
+    }
+  }
+
+  HostPinner& pinner_;
+  std::mutex mu_;
+  std::condition_variable cv_, done_cv_;
+  State state_ = State::kIdle;
+  std::pair<char*, int64_t> job_{nullptr, 0};
+  std::vector<std::pair<void*, size_t>> pieces_;
+  std::atomic<bool> urgent_{false}, quit_{false};
+  std::thread thread_;  // last: started once the members above exist
+};
+
 HostKVStore::HostKVStore(const StoreConfig& config, std::shared_ptr<HostPinner> pinner)
     : config_(config), pinner_(std::move(pinner)) {
   if (config.num_layers <= 0) throw std::invalid_argument("num_layers must be positive, got " + std::to_string(config.num_layers));
@@ -141,6 +245,7 @@ HostKVStore::HostKVStore(const StoreConfig& config, std::shared_ptr<HostPinner> 
 
 HostKVStore::~HostKVStore() {
   prefaulter_.reset();  // its thread touches the arena: stopped before the mapping goes
+  pin_ahead_.reset();   // likewise; it unpins a chunk never taken in
   if (pinner_) {
     for (auto& [ptr, bytes] : pinned_chunks_) {
       try {
@@ -220,10 +325,11 @@ int64_t HostKVStore::frames_available() const {
 }
 
 void HostKVStore::reserve_free_frames(int64_t frames_needed) {
-  const int64_t missing = frames_needed - int64_t(free_frames_.size());
+  int64_t missing = frames_needed - int64_t(free_frames_.size());
   if (missing <= 0) return;
   const int64_t fb = frame_bytes();
   const int64_t os_page = int64_t(sysconf(_SC_PAGESIZE));
+  // Taking in a chunk pinned ahead adds as many committed frames as free ones: this end stays what it is.
   const int64_t need_end = round_up((committed_frames_ + missing) * fb, os_page);
   const int64_t limit = limit_bytes();
   if (need_end > limit) {
@@ -232,6 +338,11 @@ void HostKVStore::reserve_free_frames(int64_t frames_needed) {
        << mib(need_end) << " committed in all), over the " << (config_.byte_cap > 0 ? "byte_cap of " : "reservation of ")
        << mib(limit) << "; nothing was stored. Raise byte_cap or free sequences.";
     throw CapacityError(os.str());
+  }
+  if (pin_ahead_end_ > 0) {
+    adopt_pinned_ahead(/*wait=*/true);
+    missing = frames_needed - int64_t(free_frames_.size());
+    if (missing <= 0) return;
   }
   // Grow by at least a quarter of what is committed (and 64 MiB) so pinning calls stay few.
   int64_t new_end = std::max(need_end, committed_bytes_ + std::max(kMinCommitBytes, committed_bytes_ / 4));
@@ -253,7 +364,11 @@ void HostKVStore::reserve_free_frames(int64_t frames_needed) {
     }
     committed_bytes_ = new_end;
   }
-  const int64_t new_frames = std::min<int64_t>(committed_bytes_ / fb, INT32_MAX);
+  add_committed_frames();
+}
+
+void HostKVStore::add_committed_frames() {
+  const int64_t new_frames = std::min<int64_t>(committed_bytes_ / frame_bytes(), INT32_MAX);
   // The free list is a stack (back = next). New frames go under the free ones, lowest id nearest the top: frames
   // that were never used are then handed out in id order, which prefault_ahead relies on.
   std::vector<int32_t> fresh;
@@ -300,12 +415,56 @@ std::vector<int64_t> HostKVStore::reserve(int layer, const std::vector<std::pair
     s.lengths[layer] = n_end;
     stored_tokens_ += tokens;
   }
-  prefault_ahead();
+  if (pinner_) pin_ahead();
+  else prefault_ahead();
   return first;
 }
 
+void HostKVStore::pin_ahead() {
+  // Best effort throughout, as prefault_ahead: whatever fails here is done by the append that needs the frames.
+  try {
+    adopt_pinned_ahead(/*wait=*/false);
+    if (pin_ahead_end_ > 0 || pin_ahead_failed_) return;
+    int64_t live = 0;
+    for (const Sequence& s : seqs_) live += s.live;
+    const int64_t low = 2 * live * config_.num_layers, free = int64_t(free_frames_.size());
+    if (free >= low) return;
+    // The same growth as an append's: at least a quarter of what is committed, and 64 MiB.
+    const int64_t fb = frame_bytes();
+    int64_t end = std::max((committed_frames_ + low - free) * fb,
+                           committed_bytes_ + std::max(kMinCommitBytes, committed_bytes_ / 4));
+    end = std::min(round_up(end, kCommitAlign), limit_bytes());
+    if (end <= committed_bytes_ || end / fb <= committed_frames_) return;
+    if (!pin_ahead_) pin_ahead_ = std::make_unique<PinAhead>(*pinner_);
+    pin_ahead_->start(static_cast<char*>(arena_) + committed_bytes_, end - committed_bytes_);
+    pin_ahead_end_ = end;
+  } catch (...) {
+  }
+}
+
+void HostKVStore::adopt_pinned_ahead(bool wait) {
+  if (pin_ahead_end_ == 0 || (!wait && !pin_ahead_->done())) return;
+  const auto pieces = pin_ahead_->finish();
+  const int64_t end = std::exchange(pin_ahead_end_, 0);
+  if (pieces.empty()) {
+    pin_ahead_failed_ = true;
+    return;
+  }
+  for (const auto& piece : pieces) {
+    pinned_chunks_.push_back(piece);
+    pinned_bytes_ += int64_t(piece.second);
+    pinned_ahead_bytes_ += int64_t(piece.second);
+  }
+  committed_bytes_ = end;
+  add_committed_frames();
+}
+
+int64_t HostKVStore::wait_pinned_ahead() {
+  adopt_pinned_ahead(/*wait=*/true);
+  return pinned_ahead_bytes_;
+}
+
 void HostKVStore::prefault_ahead() {
-  if (pinner_) return;
   int64_t live = 0;
   for (const Sequence& s : seqs_) live += s.live;
   // Frames never handed out go in id order (the free list hands out low ids first, and a freed frame has been

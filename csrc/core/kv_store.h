@@ -4,8 +4,9 @@
 // Memory: one virtual address range is reserved up front and committed in chunks as the cache grows, so
 // the arena is a single base pointer (kernels index pages by a 32-bit frame id) and growth never copies
 // stored data. When a HostPinner is given, every committed chunk is page-locked (cudaHostRegister) and
-// the GPU reads it in place over PCIe. Otherwise a background thread faults in the next never-used frames
-// ahead of their first write (prefault_ahead). An optional byte cap is checked before anything is committed or
+// the GPU reads it in place over PCIe; a background thread commits, faults in and pins the next chunk ahead of
+// need (pin_ahead). Otherwise a background thread faults in the next never-used frames ahead of their first
+// write (prefault_ahead). An optional byte cap is checked before anything is committed or
 // written: a failing append throws and leaves every stored token and all metadata as they were.
 #pragma once
 #include <cstdint>
@@ -112,6 +113,9 @@ class HostKVStore {
   // Blocks until the memory of the frames sent to the prefaulter (below) is faulted in; returns the bytes it has
   // faulted in so far. For tests and benchmarks: appends never wait for it.
   int64_t wait_prefaulted() const;
+  // A pinned store: waits for the chunk being pinned ahead of need (if any) and takes it into the free frames;
+  // returns the bytes pinned ahead so far. For tests and benchmarks: appends wait only when they need the chunk.
+  int64_t wait_pinned_ahead();
 
   // Pointer to page (frame, kv_head).
   uint16_t* page(int32_t frame, int kv_head) const {
@@ -137,9 +141,26 @@ class HostKVStore {
   // usual time). So an unpinned store has the next never-used frames faulted in on a thread of its own, enough
   // for every live (sequence, layer) to start a new page; a pinned store's memory is faulted in by pinning.
   void prefault_ahead();
+  // Pinning commits and faults in memory inside cudaHostRegister, ~4 GiB/s on the H200 box, and holds the CUDA
+  // driver's lock meanwhile, stalling every thread's CUDA calls: a decode step that grew a 70 GiB store by its
+  // usual quarter stalled for seconds. So a pinned store grows ahead of need, once fewer free frames are left
+  // than two new pages for every live (sequence, layer): a thread of its own commits the next chunk, faults it in
+  // (no driver lock) and pins it in pieces of kPinPiece with pauses between them, so that a decode step is held
+  // up by one piece (a few ms) at most. The chunk's frames are taken in by the first append that needs them, or
+  // by the first append after it is done; an append that needs them earlier waits for it.
+  void pin_ahead();
+  // Takes a finished chunk into the free frames (waiting for it when `wait`).
+  void adopt_pinned_ahead(bool wait);
+  // Adds the frames of committed memory not yet on the free list.
+  void add_committed_frames();
 
   class Prefaulter;  // kv_store.cpp
   std::unique_ptr<Prefaulter> prefaulter_;
+  class PinAhead;  // kv_store.cpp
+  std::unique_ptr<PinAhead> pin_ahead_;
+  int64_t pin_ahead_end_ = 0;      // end (bytes into the arena) of the chunk in flight; 0: none
+  int64_t pinned_ahead_bytes_ = 0;  // pinned by the thread and taken in, in all
+  bool pin_ahead_failed_ = false;  // a chunk failed: growth stays on the appends (which report the error)
   int64_t fresh_frames_ = 0;    // frames [0, fresh_frames_) have been handed out (new ones go in id order)
   int64_t prefault_end_ = 0;    // frames below this were handed out or sent to the prefaulter
 

@@ -13,6 +13,7 @@
 #include "ops/store_class.h"
 
 #ifdef FLUXION_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime_api.h>
 #endif
 
@@ -21,9 +22,13 @@ namespace {
 
 #ifdef FLUXION_WITH_CUDA
 // Page-locks committed arena chunks in place so kernels read them over PCIe (UVA: host pointer == device pointer).
+// The store also pins on a thread of its own: that thread works on the device current where the store was made.
 class CudaHostPinner : public core::HostPinner {
  public:
+  CudaHostPinner() { C10_CUDA_CHECK(cudaGetDevice(&device_)); }
   void pin(void* ptr, size_t bytes) override {
+    int current = -1;
+    if (cudaGetDevice(&current) != cudaSuccess || current != device_) C10_CUDA_CHECK(cudaSetDevice(device_));
     const cudaError_t err = cudaHostRegister(ptr, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
     if (err != cudaSuccess) {
       cudaGetLastError();
@@ -32,6 +37,9 @@ class CudaHostPinner : public core::HostPinner {
     }
   }
   void unpin(void* ptr, size_t) override { cudaHostUnregister(ptr); }
+
+ private:
+  int device_ = 0;
 };
 #endif
 
@@ -338,6 +346,8 @@ TORCH_LIBRARY_FRAGMENT(fluxion, m) {
              return out;
            })
       .def("pinned", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->pinned(); })
+      .def("wait_pinned_ahead",
+           [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->wait_pinned_ahead(); })
       .def("frames_available",
            [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->frames_available(); })
       .def("page_elems", [](const c10::intrusive_ptr<StoreHolder>& self) { return self->store->layout().page_elems(); });

@@ -3,8 +3,14 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "catch_compat.h"
@@ -49,6 +55,77 @@ bool populate_supported() {
   return false;
 #endif
 }
+
+// Frames of several MiB (Llama's KV heads): a fresh frame shares no huge page with a used one, and a 64 MiB commit
+// holds only 14 frames.
+core::StoreConfig llama_heads_config() {
+  core::StoreConfig c;
+  c.num_layers = 2;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.page_tokens = 1024;
+  return c;
+}
+
+// Every token of layers x seqs reads back as k, v ([H, N, D] each) hold it.
+void require_tokens(const core::HostKVStore& s, const std::vector<int>& seqs, const std::vector<uint16_t>& k,
+                    const std::vector<uint16_t>& v, int64_t N) {
+  const auto layout = s.layout();
+  const int H = s.config().num_kv_heads, D = s.config().head_dim, P = s.config().page_tokens;
+  for (int layer = 0; layer < s.config().num_layers; ++layer)
+    for (int seq : seqs) {
+      REQUIRE(s.seq_len(layer, seq) == N);
+      const auto& frames = s.frames(layer, seq);
+      for (int h = 0; h < H; ++h)
+        for (int64_t tok = 0; tok < N; ++tok) {
+          const uint16_t* page = s.page(frames[size_t(tok / P)], h);
+          REQUIRE(std::memcmp(page + layout.k_offset(tok % P), &k[size_t((h * N + tok) * D)], D * 2) == 0);
+          REQUIRE(std::memcmp(page + layout.v_offset(tok % P), &v[size_t((h * N + tok) * D)], D * 2) == 0);
+        }
+    }
+}
+
+// Stands in for cudaHostRegister: records who pinned what (from any thread), can fail or be slow.
+class RecordingPinner : public core::HostPinner {
+ public:
+  struct Pin {
+    void* ptr;
+    size_t bytes;
+    std::thread::id thread;
+  };
+  void pin(void* ptr, size_t bytes) override {
+    if (fail) throw std::runtime_error("pin failed (test)");
+    std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms.load()));
+    auto* c = static_cast<volatile char*>(ptr);  // committed memory only: a PROT_NONE page would crash here
+    c[0] = c[0];
+    c[bytes - 1] = c[bytes - 1];
+    std::lock_guard<std::mutex> lock(mu);
+    pins.push_back({ptr, bytes, std::this_thread::get_id()});
+  }
+  void unpin(void* ptr, size_t) override {
+    std::lock_guard<std::mutex> lock(mu);
+    unpinned.push_back(ptr);
+  }
+  int64_t pins_on(std::thread::id id, bool same) {
+    std::lock_guard<std::mutex> lock(mu);
+    return std::count_if(pins.begin(), pins.end(), [&](const Pin& p) { return (p.thread == id) == same; });
+  }
+  // Every pinned range was unpinned once.
+  bool all_unpinned() {
+    std::lock_guard<std::mutex> lock(mu);
+    std::vector<void*> pinned;
+    for (const Pin& p : pins) pinned.push_back(p.ptr);
+    std::vector<void*> un = unpinned;
+    std::sort(pinned.begin(), pinned.end());
+    std::sort(un.begin(), un.end());
+    return pinned == un;
+  }
+  std::atomic<bool> fail{false};
+  std::atomic<int> delay_ms{0};
+  std::mutex mu;
+  std::vector<Pin> pins;
+  std::vector<void*> unpinned;
+};
 
 }  // namespace
 
@@ -227,12 +304,7 @@ TEST_CASE("frames_available counts what an append can still obtain", "[store]") 
 }
 
 TEST_CASE("an unpinned store faults in the next fresh frames before their first use, keeping stored data", "[store]") {
-  // Frames of several MiB (Llama's KV heads), so that a fresh frame does not share a huge page with a used one.
-  core::StoreConfig c;
-  c.num_layers = 2;
-  c.num_kv_heads = 8;
-  c.head_dim = 128;
-  c.page_tokens = 1024;
+  const core::StoreConfig c = llama_heads_config();
   const int H = c.num_kv_heads, D = c.head_dim;
   const int64_t N = 2 * c.page_tokens + 5;  // crosses two page boundaries one token at a time
   auto k = test::random_bf16(size_t(H * N * D), 11), v = test::random_bf16(size_t(H * N * D), 12);
@@ -244,18 +316,8 @@ TEST_CASE("an unpinned store faults in the next fresh frames before their first 
   const int64_t faulted = s.wait_prefaulted();
 
   // Every token reads back as written while the prefaulter worked beside the appends.
-  const auto layout = s.layout();
-  for (int layer = 0; layer < 2; ++layer)
-    for (int seq : seqs) {
-      const auto& frames = s.frames(layer, seq);
-      REQUIRE(frames.size() == 3);
-      for (int h = 0; h < H; ++h)
-        for (int64_t tok = 0; tok < N; ++tok) {
-          const uint16_t* page = s.page(frames[size_t(tok / 1024)], h);
-          REQUIRE(std::memcmp(page + layout.k_offset(tok % 1024), &k[size_t((h * N + tok) * D)], D * 2) == 0);
-          REQUIRE(std::memcmp(page + layout.v_offset(tok % 1024), &v[size_t((h * N + tok) * D)], D * 2) == 0);
-        }
-    }
+  require_tokens(s, {seqs[0], seqs[1]}, k, v, N);
+  REQUIRE(s.frames(0, seqs[0]).size() == 3);
 
   // The next fresh frames, one per (sequence, layer), are resident before anything is written to them.
   int32_t fresh = 0;
@@ -277,4 +339,82 @@ TEST_CASE("an unpinned store faults in the next fresh frames before their first 
   std::vector<unsigned char> resident(size_t(bytes / os_page));
   REQUIRE(mincore(aligned, size_t(bytes), resident.data()) == 0);
   REQUIRE(std::all_of(resident.begin(), resident.end(), [](unsigned char r) { return (r & 1) != 0; }));
+}
+
+TEST_CASE("a pinned store pins its next chunk on a thread of its own before appends need it, keeping stored data",
+          "[store]") {
+  const core::StoreConfig c = llama_heads_config();
+  const int H = c.num_kv_heads, D = c.head_dim;
+  const int64_t N = 5 * c.page_tokens + 3;  // 6 frames per (sequence, layer): 24 in all, 14 in the first commit
+  auto k = test::random_bf16(size_t(H * N * D), 21), v = test::random_bf16(size_t(H * N * D), 22);
+  auto pinner = std::make_shared<RecordingPinner>();
+  {
+    core::HostKVStore s(c, pinner);
+    const std::vector<int> seqs{s.add_sequence(), s.add_sequence()};
+    for (int64_t t = 0; t < N; t += 256)
+      for (int layer = 0; layer < 2; ++layer)
+        for (int seq : seqs) append_range(s, layer, seq, k, v, N, t, std::min(N, t + 256), D);
+    const int64_t ahead = s.wait_pinned_ahead();
+    // The first commit was pinned by the append that made it; every later chunk on the store's own thread.
+    REQUIRE(pinner->pins_on(std::this_thread::get_id(), true) == 1);
+    REQUIRE(pinner->pins_on(std::this_thread::get_id(), false) >= 1);
+    REQUIRE(ahead > 0);
+    const auto st = s.stats();
+    REQUIRE(st.pinned_bytes == st.committed_bytes);
+    REQUIRE(st.committed_bytes >= st.allocated_bytes + 8 * s.frame_bytes());  // the low-water mark: 2 x live x layers
+    require_tokens(s, seqs, k, v, N);
+  }
+  REQUIRE(pinner->all_unpinned());
+}
+
+TEST_CASE("a pinned store whose chunk failed to pin ahead still grows on the append, or fails it keeping every token",
+          "[store]") {
+  const core::StoreConfig c = llama_heads_config();
+  const int H = c.num_kv_heads, D = c.head_dim;
+  const int64_t N = 5 * c.page_tokens;
+  auto k = test::random_bf16(size_t(H * N * D), 23), v = test::random_bf16(size_t(H * N * D), 24);
+  auto pinner = std::make_shared<RecordingPinner>();
+  {
+    core::HostKVStore s(c, pinner);
+    const std::vector<int> seqs{s.add_sequence(), s.add_sequence()};
+    auto append_all = [&](int64_t t0, int64_t t1) {
+      for (int layer = 0; layer < 2; ++layer)
+        for (int seq : seqs) append_range(s, layer, seq, k, v, N, t0, t1, D);
+    };
+    append_all(0, 1);      // the first commit (14 frames) pinned
+    pinner->fail = true;   // from here on every pin fails, on either thread
+    append_all(1, 2048);   // 8 frames in use: the chunk ahead is started, and fails
+    REQUIRE(s.wait_pinned_ahead() == 0);
+    const auto before = s.stats();
+    REQUIRE(before.committed_bytes == before.pinned_bytes);
+    // Frames 15-16 need new memory: the append pins it itself, which fails: nothing changes.
+    REQUIRE_THROWS_AS(append_all(2048, 4096), std::runtime_error);
+    REQUIRE(s.stats().committed_bytes == before.committed_bytes);
+    REQUIRE(s.seq_len(1, seqs[1]) == 2048);
+    pinner->fail = false;
+    // The layers and sequences the failed call did not reach still take their tokens.
+    for (int layer = 0; layer < 2; ++layer)
+      for (int seq : seqs)
+        if (s.seq_len(layer, seq) < 4096) append_range(s, layer, seq, k, v, N, 2048, 4096, D);
+    append_all(4096, N);
+    require_tokens(s, seqs, k, v, N);
+  }
+  REQUIRE(pinner->all_unpinned());
+}
+
+TEST_CASE("a pinned store destroyed while a chunk is being pinned ahead unpins everything", "[store]") {
+  const core::StoreConfig c = llama_heads_config();
+  const int H = c.num_kv_heads, D = c.head_dim;
+  const int64_t N = 2048;
+  auto k = test::random_bf16(size_t(H * N * D), 25);
+  auto pinner = std::make_shared<RecordingPinner>();
+  {
+    core::HostKVStore s(c, pinner);
+    const std::vector<int> seqs{s.add_sequence(), s.add_sequence()};
+    pinner->delay_ms = 50;  // the chunk ahead is still being pinned when the store goes
+    for (int layer = 0; layer < 2; ++layer)
+      for (int seq : seqs) append_range(s, layer, seq, k, k, N, 0, N, D);
+  }
+  REQUIRE(pinner->pins.size() >= 1);
+  REQUIRE(pinner->all_unpinned());
 }
