@@ -130,16 +130,18 @@ class HostKVStore::PinAhead {
     thread_.join();
     unpin(pieces_);  // a chunk finished but never taken in
   }
-  void start(char* begin, int64_t bytes) {
+  // urgent: no pauses (appends are about to need the chunk).
+  void start(char* begin, int64_t bytes, bool urgent) {
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (state_ != State::kIdle) throw std::logic_error("PinAhead::start while a chunk is in flight");
       job_ = {begin, bytes};
       state_ = State::kQueued;
-      urgent_ = false;
+      urgent_ = urgent;
     }
     cv_.notify_all();
   }
+  void hurry() { urgent_ = true; }
   bool done() {
     std::lock_guard<std::mutex> lock(mu_);
     return state_ == State::kDone;
@@ -424,10 +426,17 @@ void HostKVStore::pin_ahead() {
   // Best effort throughout, as prefault_ahead: whatever fails here is done by the append that needs the frames.
   try {
     adopt_pinned_ahead(/*wait=*/false);
-    if (pin_ahead_end_ > 0 || pin_ahead_failed_) return;
+    if (pin_ahead_failed_) return;
     int64_t live = 0;
     for (const Sequence& s : seqs_) live += s.live;
     const int64_t low = 2 * live * config_.num_layers, free = int64_t(free_frames_.size());
+    // Below one page turn of every live (sequence, layer) the appends are catching up with the chunk (a prefill
+    // fills pages far faster than a decode): the thread pins without pauses.
+    const bool urgent = 2 * free < low;
+    if (pin_ahead_end_ > 0) {
+      if (urgent) pin_ahead_->hurry();
+      return;
+    }
     if (free >= low) return;
     // The same growth as an append's: at least a quarter of what is committed, and 64 MiB.
     const int64_t fb = frame_bytes();
@@ -436,7 +445,7 @@ void HostKVStore::pin_ahead() {
     end = std::min(round_up(end, kCommitAlign), limit_bytes());
     if (end <= committed_bytes_ || end / fb <= committed_frames_) return;
     if (!pin_ahead_) pin_ahead_ = std::make_unique<PinAhead>(*pinner_);
-    pin_ahead_->start(static_cast<char*>(arena_) + committed_bytes_, end - committed_bytes_);
+    pin_ahead_->start(static_cast<char*>(arena_) + committed_bytes_, end - committed_bytes_, urgent);
     pin_ahead_end_ = end;
   } catch (...) {
   }
