@@ -326,6 +326,12 @@ int64_t HostKVStore::frames_available() const {
   return max_frames - (committed_frames_ - int64_t(free_frames_.size()));
 }
 
+int64_t HostKVStore::growth_end(int64_t need_end) const {
+  // At least a quarter of what is committed (and 64 MiB), so that pinning calls stay few.
+  const int64_t end = std::max(need_end, committed_bytes_ + std::max(kMinCommitBytes, committed_bytes_ / 4));
+  return std::min(round_up(end, kCommitAlign), limit_bytes());
+}
+
 void HostKVStore::reserve_free_frames(int64_t frames_needed) {
   int64_t missing = frames_needed - int64_t(free_frames_.size());
   if (missing <= 0) return;
@@ -346,9 +352,7 @@ void HostKVStore::reserve_free_frames(int64_t frames_needed) {
     missing = frames_needed - int64_t(free_frames_.size());
     if (missing <= 0) return;
   }
-  // Grow by at least a quarter of what is committed (and 64 MiB) so pinning calls stay few.
-  int64_t new_end = std::max(need_end, committed_bytes_ + std::max(kMinCommitBytes, committed_bytes_ / 4));
-  new_end = std::min(round_up(new_end, kCommitAlign), limit);
+  const int64_t new_end = growth_end(need_end);
   if (new_end > committed_bytes_) {
     char* base = static_cast<char*>(arena_) + committed_bytes_;
     const size_t bytes = size_t(new_end - committed_bytes_);
@@ -438,11 +442,8 @@ void HostKVStore::pin_ahead() {
       return;
     }
     if (free >= low) return;
-    // The same growth as an append's: at least a quarter of what is committed, and 64 MiB.
     const int64_t fb = frame_bytes();
-    int64_t end = std::max((committed_frames_ + low - free) * fb,
-                           committed_bytes_ + std::max(kMinCommitBytes, committed_bytes_ / 4));
-    end = std::min(round_up(end, kCommitAlign), limit_bytes());
+    const int64_t end = growth_end((committed_frames_ + low - free) * fb);
     if (end <= committed_bytes_ || end / fb <= committed_frames_) return;
     if (!pin_ahead_) pin_ahead_ = std::make_unique<PinAhead>(*pinner_);
     pin_ahead_->start(static_cast<char*>(arena_) + committed_bytes_, end - committed_bytes_, urgent);

@@ -131,6 +131,9 @@ class HostKVStore {
   void check_layer(int layer) const;
   void check_seq(int seq) const;
   int64_t limit_bytes() const;  // committed memory may not pass this (cap or reservation, page-aligned)
+  // Where committed memory ends after growing to hold at least `need_end` bytes (an append's growth and a chunk
+  // pinned ahead alike), within the limit.
+  int64_t growth_end(int64_t need_end) const;
   // Makes at least `frames_needed` free frames available, committing (and pinning) memory; throws
   // CapacityError without changing anything if the cap or the reservation would be exceeded.
   void reserve_free_frames(int64_t frames_needed);
