@@ -45,6 +45,8 @@ def _sdpa_has_gqa() -> bool:
 
 
 _SDPA_HAS_GQA = _sdpa_has_gqa()
+# Output dtypes the C++ step's merge writes directly (decode(out=...)).
+_MERGE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def cuda_kernels_available() -> bool:
@@ -458,8 +460,7 @@ class HybridAttentionRuntime:
             self._stats.decode_steps += 1
         st, dev = self._stats, self.device
         if self.config.decode_backend == "cpp":
-            res = self._decode_cpp(layer, q, k, v)  # float32
-            return out.copy_(res) if out is not None else res.to(q.dtype)
+            return self._decode_cpp(layer, q, k, v, out)
         with self._timed("append_s", gpu=False):
             self._append(layer, k[:, :, None], v[:, :, None])
         lens = self.seq_lens(layer)
@@ -495,18 +496,28 @@ class HybridAttentionRuntime:
         self.positions[layer] += 1
         return out.copy_(res) if out is not None else res.to(q.dtype)
 
-    def _decode_cpp(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """decode() through the C++ step: append, window attention, shared-queue retrieval, merge."""
+    def _decode_cpp(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    out: torch.Tensor | None) -> torch.Tensor:
+        """decode() through the C++ step: append, window attention, shared-queue retrieval, merge (written into
+        `out` in its dtype when `out` is a contiguous float32/bfloat16/float16 tensor on the device)."""
         B = q.shape[0]
         tables = self._cpp_plans.get((layer, B))
         if tables is None:  # the C++ step takes the per-head tables and plans the queue itself
             tables = self._cpp_plans[(layer, B)] = (self._budgets[layer].expand(B, self.hq).contiguous(),
                                                     self._sizes[layer].expand(B, self.hkv).contiguous())
-        out = self._cpp.step(layer, self.seq_ids, self.k_win[layer], self.v_win[layer], q.to(self.kv_dtype),
-                             k[:, :, None].to(self.kv_dtype), v[:, :, None].to(self.kv_dtype), *tables,
-                             self.gpu_retrieval, self.scale)
+        into = (out if out is not None and out.dtype in _MERGE_DTYPES and out.shape == q.shape
+                and out.device == self.device and out.is_contiguous() else None)
+        # Each tensor op here costs a few microseconds of host time per layer, between the GPU's segments.
+        kv = self.kv_dtype
+        qh = q if q.dtype == kv else q.to(kv)
+        kh = (k if k.dtype == kv else k.to(kv)).unsqueeze(2)
+        vh = (v if v.dtype == kv else v.to(kv)).unsqueeze(2)
+        res = self._cpp.step(layer, self.seq_ids, self.k_win[layer], self.v_win[layer], qh, kh, vh, *tables,
+                             self.gpu_retrieval, self.scale, into)
         self.positions[layer] += 1
-        return out
+        if into is not None:
+            return into
+        return out.copy_(res) if out is not None else res.to(q.dtype)
 
     # ------------------------------------------------------------------ whole-step CUDA graphs
     def graph_begin(self):

@@ -106,6 +106,8 @@ def test_bad_input_is_rejected():
         rt.decode(0, torch.zeros(1, 8, 64, dtype=torch.bfloat16), torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16),
                   torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16), torch.ones(1, 8),
                   torch.full((1, 2), 16, dtype=torch.int32), False, 0.125)
+    with pytest.raises(RuntimeError, match="call set_sequences before window"):
+        rt.window(0)
     rt_seq = store.add_sequence()
     rt.set_sequences([rt_seq])
     z = torch.zeros(1, 2, 1, 64, dtype=torch.bfloat16)
@@ -123,7 +125,61 @@ def test_bad_input_is_rejected():
                                   (z.int(), z.int(), "k and v must be bfloat16, float16 or float32")]:
         with pytest.raises(RuntimeError, match=message):
             rt.decode(0, q8, bad_k, bad_v, ones, sizes, False, 0.125)
+    kw, vw = rt.window(0)
+    for bad_out in [torch.zeros(1, 8, 32), torch.zeros(1, 8, 64, dtype=torch.int32), torch.zeros(1, 64, 8).mT]:
+        with pytest.raises(RuntimeError, match=r"out must be a contiguous float32, bfloat16 or float16 \[B, Hq, D\]"):
+            rt.step(0, [rt_seq], kw, vw, q8, z, z, ones, sizes, False, 0.125, bad_out)
     assert store.seq_len(0, rt_seq) == 0
+
+
+@pytest.mark.parametrize("path", ["fixed", "shared", "gpu-alone"])
+def test_decode_writes_out_in_its_dtype(device, path):
+    """decode(out=...) writes the merged result into `out` in out's dtype (on a GPU the merge kernel writes it
+    directly, with no conversion after): the float32 result rounded once, the same as without `out`; and the
+    float32 result equals the fp32 reference. A shared step's split between the CPU and the GPU depends on timing,
+    and their kernels round differently, so there runtimes agree within tolerance rather than bit for bit."""
+    L, hq, hkv, d, B, n0 = 1, 8, 2, 64, 2, 1500
+    mode = dict(mode="fixed") if path == "fixed" else dict(mode="fluxion", device_policy="shared")
+    cfg = fluxion.FluxionConfig(block_size=16, budget=0.1, **mode)
+    g = torch.Generator().manual_seed(7)
+    k, v = torch.randn(B, hkv, n0, d, generator=g), torch.randn(B, hkv, n0, d, generator=g)
+    runtimes = []
+    for _ in range(5):  # float32 / bfloat16 / float16 `out`, no `out`, no `out` in a float32 model
+        rt = fluxion.HybridAttentionRuntime(cfg, L, hq, hkv, d, device=device, dtype=torch.bfloat16)
+        rt.min_shared_volume = 0 if path == "shared" else 1 << 40
+        rt.reconfigure(cfg)
+        rt.prefill(0, torch.zeros(B, hq, n0, d).to(device), k.to(device), v.to(device))
+        runtimes.append(rt)
+    for step in range(3):
+        q, kn, vn = (torch.randn(B, h, d, generator=g).to(device) for h in (hq, hkv, hkv))
+        bufs = [torch.full((B, hq, d), float("nan"), dtype=dt, device=device)
+                for dt in (torch.float32, torch.bfloat16, torch.float16)]
+        q16, kn16, vn16 = q.bfloat16(), kn.bfloat16(), vn.bfloat16()
+        got = [rt.decode(0, q16, kn16, vn16, out=buf) for rt, buf in zip(runtimes, bufs)]
+        assert all(x is buf for x, buf in zip(got, bufs))
+        plain = runtimes[3].decode(0, q16, kn16, vn16)
+        f32 = runtimes[4].decode(0, q16.float(), kn16, vn16)  # a float32 q: the result comes back in float32
+        assert plain.dtype == torch.bfloat16 and f32.dtype == torch.float32
+        if path == "shared" and torch.device(device).type == "cuda":
+            torch.testing.assert_close(bufs[0], f32, atol=1e-4, rtol=0)
+            for buf in bufs[1:] + [plain]:  # one rounding step of bfloat16 / float16 apart at most
+                torch.testing.assert_close(buf.float(), bufs[0], atol=1e-2, rtol=1e-2)
+        else:
+            torch.testing.assert_close(bufs[0], f32, atol=0, rtol=0)
+            for buf in bufs[1:]:
+                assert torch.equal(buf, bufs[0].to(buf.dtype))
+            assert torch.equal(plain, bufs[1])
+    # The last step against the fp32 reference (merge of window and retrieval over the stored K/V).
+    rt = runtimes[0]
+    lens = rt.seq_lens(0)
+    kd = torch.stack([rt.store.gather(0, s)[0].float() for s in rt.seq_ids])
+    vd = torch.stack([rt.store.gather(0, s)[1].float() for s in rt.seq_ids])
+    qf = q16.float().cpu()
+    wo, wl = R.window_attention(qf, kd, vd, lens, 64, 256, rt.scale)
+    ro, rl = R.retrieval_attention(qf, kd, vd, lens, torch.full((B, hq), 0.1), torch.full((B, hkv), 16), 64, 256,
+                                   rt.scale)
+    want, _ = R.merge_states(torch.stack([wo, ro]), torch.stack([wl, rl]))
+    torch.testing.assert_close(bufs[0].cpu(), want, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("mode", ["full", "fixed", "fluxion"])

@@ -91,25 +91,18 @@ at::Tensor upload_pinned(const at::Tensor& src, at::Device device) {
   return dst;
 }
 
-// An event recorded on `stream` now, destroyed with its last reference (a deferred store write may hold it).
-std::shared_ptr<CUevent_st> record_shared_event(cudaStream_t stream) {
+// An event (on the current device), destroyed with its last reference (a deferred store write may hold it).
+std::shared_ptr<CUevent_st> new_shared_event() {
   cudaEvent_t ev;
   C10_CUDA_CHECK(cudaEventCreateWithFlags(&ev, cudaEventDisableTiming));
-  std::shared_ptr<CUevent_st> event(ev, [](cudaEvent_t e) { cudaEventDestroy(e); });
-  C10_CUDA_CHECK(cudaEventRecord(ev, stream));
-  return event;
+  return std::shared_ptr<CUevent_st>(ev, [](cudaEvent_t e) { cudaEventDestroy(e); });
 }
 
-// The address kernels read a tensor at: its data pointer on the device, the mapped address of page-locked host
-// memory.
-const float* device_address(const at::Tensor& t) {
-  if (t.is_cuda()) return t.data_ptr<float>();
-  cudaPointerAttributes attr{};
-  void* dev = nullptr;
-  if (cudaPointerGetAttributes(&attr, t.data_ptr()) == cudaSuccess) dev = attr.devicePointer;
-  else (void)cudaGetLastError();
-  TORCH_CHECK(dev != nullptr, "internal: a merged part is host memory the device cannot read");
-  return static_cast<const float*>(dev);
+// A new event recorded on `stream` now.
+std::shared_ptr<CUevent_st> record_shared_event(cudaStream_t stream) {
+  auto event = new_shared_event();
+  C10_CUDA_CHECK(cudaEventRecord(event.get(), stream));
+  return event;
 }
 #endif
 
@@ -335,7 +328,8 @@ at::Tensor HybridRuntime::decode(int64_t layer, const at::Tensor& q, const at::T
 
 at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, at::Tensor& k_win_l,
                                at::Tensor& v_win_l, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                               const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale) {
+                               const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale,
+                               const c10::optional<at::Tensor>& out) {
   const auto t_step = Clock::now();
   store->check_layer(layer);
   store->check_seqs(ids);
@@ -361,6 +355,13 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
                                                      k.scalar_type() == at::kFloat),
               "k and v must be bfloat16, float16 or float32 tensors of one dtype, got ", k.scalar_type(), " and ",
               v.scalar_type());
+  if (out.has_value()) {
+    const auto dt = out->scalar_type();
+    TORCH_CHECK(out->sizes() == q.sizes() && out->device() == device && out->is_contiguous() &&
+                    (dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf),
+                "out must be a contiguous float32, bfloat16 or float16 [B, Hq, D] = [", B, ", ", Hq, ", ", D,
+                "] tensor on ", device, ", got ", shape_str(*out), " ", dt, " on ", out->device());
+  }
   at::Tensor bud, bsz;
   std::tie(bud, bsz) = checked_plan_tables(budgets, block_sizes, {B, Hq}, {B, Hkv}, "[B, Hq]", "[B, Hkv]");
   use_gpu = use_gpu && device.is_cuda();
@@ -441,7 +442,13 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       copy_to_host_async(q_dst, q, store->scalar_type(), stream);
       copy_to_host_async(k_dst, k, store->scalar_type(), stream);
       copy_to_host_async(v_dst, v, store->scalar_type(), stream);
-      staged_event = record_shared_event(stream);
+      // One event, recorded again by every shared step (its deferred write is flushed before the step returns).
+      if (!staged_event_) {
+        const c10::cuda::CUDAGuard guard(device);
+        staged_event_ = new_shared_event();
+      }
+      C10_CUDA_CHECK(cudaEventRecord(staged_event_.get(), stream));
+      staged_event = staged_event_;
 #endif
     } else {
       const auto opts = at::TensorOptions().dtype(store->scalar_type());
@@ -462,19 +469,45 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   append_s += since(t);
   t = Clock::now();
 
-  // The plan goes to the device in one page-locked copy (one allocation, one transfer, no per-batch uploads),
-  // task groups in queue order.
+  // The plan goes to the device in one page-locked copy (no per-batch uploads), task groups in queue order. A
+  // shared step's buffers alternate between two slots kept across steps; a slot is refilled once its last upload
+  // has landed (kernels that read its device copy are ordered before the next upload on the same stream), which
+  // the step before has waited for already. A GPU-alone step never waits for the device: its plan gets buffers
+  // of its own.
   const int64_t n_tasks = int64_t(queue.size());
   const PlanRow layout{R, Hq, Hkv, n_tasks, max_frames};
-  at::Tensor plan = at::empty({layout.words()}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
+  at::Tensor plan, plan_dev;
+  PlanSlot* slot = nullptr;
+  if (on_gpu && !gpu_alone) {
+    slot = &plan_slots_[plan_slot_next_];
+    plan_slot_next_ ^= 1;
+#ifdef FLUXION_WITH_CUDA
+    if (slot->uploaded) C10_CUDA_CHECK(cudaEventSynchronize(slot->uploaded.get()));
+#endif
+    plan = reuse_buffer(slot->host, layout.words(), at::kInt, true);
+  } else {
+    plan = at::empty({layout.words()}, at::TensorOptions().dtype(at::kInt).pinned_memory(on_gpu));
+  }
   int32_t* ph = plan.data_ptr<int32_t>();
   layout.fill(ph, rows, *store->store, layer, ids);
   for (int64_t i = 0; i < n_tasks; ++i) ph[layout.o_groups() + i] = queue[size_t(i)].group;
 #ifdef FLUXION_WITH_CUDA
-  const at::Tensor plan_dev = on_gpu ? upload_pinned(plan, device) : plan;
-#else
-  const at::Tensor plan_dev = plan;
+  if (slot) {
+    if (!slot->device.defined() || slot->device.numel() < layout.words())
+      slot->device = at::empty({layout.words()}, at::TensorOptions().dtype(at::kInt).device(device));
+    plan_dev = slot->device.narrow(0, 0, layout.words());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+    C10_CUDA_CHECK(cudaMemcpyAsync(plan_dev.data_ptr(), ph, size_t(layout.words()) * 4, cudaMemcpyHostToDevice, stream));
+    if (!slot->uploaded) {
+      const c10::cuda::CUDAGuard guard(device);
+      slot->uploaded = new_shared_event();
+    }
+    C10_CUDA_CHECK(cudaEventRecord(slot->uploaded.get(), stream));
+  } else if (on_gpu) {
+    plan_dev = upload_pinned(plan, device);
+  }
 #endif
+  if (!plan_dev.defined()) plan_dev = plan;
   const at::Tensor lens_host = plan.narrow(0, R, R);
   at::Tensor lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev;  // (lambdas below capture them)
   std::tie(lens_before_dev, lens_dev, bud_dev, bsz_dev, frames_dev) = layout.views(plan_dev);
@@ -501,17 +534,16 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   };
   if (gpu_alone) {
     // 4a. Every task in one launch; the bytes it read are summed on the device (no sync).
-    std::vector<at::Tensor> outs{o_dense}, lses{lse_dense};
+    std::vector<MergePart> parts{{o_dense, lse_dense}};
     if (n_tasks > 0) {
       auto [o, l, nbytes] = retrieve_on_gpu(0, n_tasks);
-      outs.push_back(o);
-      lses.push_back(l);
+      parts.push_back({o, l});
       gpu_bytes_pending = gpu_bytes_pending.defined() ? gpu_bytes_pending + nbytes.sum() : nbytes.sum();
       gpu_tasks += n_tasks;
     }
     ++gpu_alone_steps;
     retrieval_s += since(t);
-    return merge_parts(outs, lses, Clock::now(), t_step);
+    return merge_parts(parts, B, out, Clock::now(), t_step);
   }
 
   // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free. First the
@@ -559,12 +591,13 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   view.frame_table = ph + layout.o_frames();
   view.frame_stride = layout.F;
   view.seq_lens = lens_host.data_ptr<int32_t>();
-  // The CPU side's part, one per row (heads it does not run keep lse = -inf); on a GPU the merge reads it in place.
+  // The CPU side's part, one per row (heads it does not run keep lse = -inf): out [R, Hq, D] | lse [R, Hq]. On a
+  // GPU the merge reads it in place.
   const at::Tensor part = reuse_buffer(cpu_part_, R * Hq * (D + 1), at::kFloat, on_gpu);
-  const at::Tensor out_cpu = part.narrow(0, 0, R * Hq * D).view({R, Hq, D});
-  const at::Tensor lse_cpu = part.narrow(0, R * Hq * D, R * Hq).view({R, Hq});
-  std::fill_n(out_cpu.data_ptr<float>(), R * Hq * D, 0.f);
-  std::fill_n(lse_cpu.data_ptr<float>(), R * Hq, -std::numeric_limits<float>::infinity());
+  float* const out_cpu = part.data_ptr<float>();
+  float* const lse_cpu = out_cpu + R * Hq * D;
+  std::fill_n(out_cpu, R * Hq * D, 0.f);
+  std::fill_n(lse_cpu, R * Hq, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> bytes_cpu(size_t(R * Hkv), 0);
   uint64_t cpu_row_blocks = 0;  // row blocks (RetrievalRows::blocks_of) the CPU side wrote
   const core::cpu::RetrievalConfig rcfg{int(sink), int(local), float(scale)};
@@ -585,8 +618,8 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       task.block_size = rows.block_sizes[size_t(g)];
       task.q = q_float_.data() + (b * Hq + kvh * G) * D;
       task.budgets = rows.budgets.data() + row * Hq + kvh * G;
-      task.out = out_cpu.data_ptr<float>() + (row * Hq + kvh * G) * D;
-      task.lse = lse_cpu.data_ptr<float>() + row * Hq + kvh * G;
+      task.out = out_cpu + (row * Hq + kvh * G) * D;
+      task.lse = lse_cpu + row * Hq + kvh * G;
       task.bytes_read = bytes_cpu.data() + g;
       batch.push_back(task);
       cpu_row_blocks |= uint64_t(1) << (row / B);
@@ -674,18 +707,17 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run). An output of R rows
   // is one part per block of B rows that a task wrote (part rows land on their batch row).
   t = Clock::now();
-  std::vector<at::Tensor> outs{o_dense}, lses{lse_dense};
-  auto add_row_blocks = [&](const at::Tensor& o, const at::Tensor& l, uint64_t blocks) {
+  std::vector<MergePart> parts{{o_dense, lse_dense}};
+  // Row block k of an [R, Hq, D] out at out_offset and its [R, Hq] lse at lse_offset.
+  auto add_row_blocks = [&](const at::Tensor& o, const at::Tensor& l, int64_t out_offset, int64_t lse_offset,
+                            uint64_t blocks) {
     for (int64_t k = 0; k <= rows.parts; ++k)
-      if (blocks >> k & 1) {
-        outs.push_back(o.narrow(0, k * B, B));
-        lses.push_back(l.narrow(0, k * B, B));
-      }
+      if (blocks >> k & 1) parts.push_back({o, l, out_offset + k * B * Hq * D, lse_offset + k * B * Hq});
   };
-  add_row_blocks(out_cpu, lse_cpu, cpu_row_blocks);  // on a GPU: page-locked, read in place by the merge
+  add_row_blocks(part, part, 0, R * Hq * D, cpu_row_blocks);  // on a GPU: page-locked, read in place by the merge
   for (size_t i = 0; i < gpu_out.size(); ++i)
-    if (gpu_out[i].defined()) add_row_blocks(gpu_out[i], gpu_lse[i], gpu_row_blocks[i]);
-  return merge_parts(outs, lses, t, t_step);
+    if (gpu_out[i].defined()) add_row_blocks(gpu_out[i], gpu_lse[i], 0, 0, gpu_row_blocks[i]);
+  return merge_parts(parts, B, out, t, t_step);
 }
 
 std::vector<core::QueueTask> HybridRuntime::plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
@@ -723,41 +755,70 @@ int64_t HybridRuntime::split_parts(const std::vector<core::QueueTask>& tasks, co
   return parts >= 2 ? parts : 0;
 }
 
-at::Tensor HybridRuntime::merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
-                                      Clock::time_point merge_start, Clock::time_point step_start) {
-  at::Tensor out = outs.front();
+const float* HybridRuntime::device_address(const at::Tensor& t, int64_t offset) {
+  const float* base = nullptr;
 #ifdef FLUXION_WITH_CUDA
-  if (device.is_cuda() && outs.size() > 1 && outs.size() <= size_t(core::cuda::kMaxListedStates)) {
-    // One kernel over the parts where they are (the CPU side's in page-locked memory): no stacking copies.
-    core::cuda::MergeListedParams mp;
-    mp.num_states = int(outs.size());
-    mp.head_dim = out.size(-1);
-    mp.rows = out.numel() / mp.head_dim;
-    for (size_t i = 0; i < outs.size(); ++i) {
-      TORCH_INTERNAL_ASSERT(outs[i].scalar_type() == at::kFloat && outs[i].is_contiguous() &&
-                            outs[i].numel() == out.numel() && lses[i].scalar_type() == at::kFloat &&
-                            lses[i].is_contiguous() && lses[i].numel() == mp.rows);
-      mp.outs[i] = device_address(outs[i]);
-      mp.lses[i] = device_address(lses[i]);
+  if (t.is_cuda()) {
+    base = t.data_ptr<float>();
+  } else {
+    if (t.data_ptr() != mapped_host_) {
+      cudaPointerAttributes attr{};
+      void* dev = nullptr;
+      if (cudaPointerGetAttributes(&attr, t.data_ptr()) == cudaSuccess) dev = attr.devicePointer;
+      else (void)cudaGetLastError();
+      TORCH_CHECK(dev != nullptr, "internal: a merged part is host memory the device cannot read");
+      mapped_host_ = t.data_ptr();
+      mapped_device_ = dev;
     }
-    at::Tensor merged = at::empty(out.sizes(), at::TensorOptions().dtype(at::kFloat).device(device));
-    mp.out = merged.data_ptr<float>();
+    base = static_cast<const float*>(mapped_device_);
+  }
+#endif
+  return base + offset;
+}
+
+at::Tensor HybridRuntime::merge_parts(const std::vector<MergePart>& parts, int64_t B,
+                                      const c10::optional<at::Tensor>& into, Clock::time_point merge_start,
+                                      Clock::time_point step_start) {
+  const int64_t Hq = num_q_heads, D = store->store->config().head_dim;
+  at::Tensor out;
+#ifdef FLUXION_WITH_CUDA
+  if (device.is_cuda() && parts.size() <= size_t(core::cuda::kMaxListedStates) && (parts.size() > 1 || into)) {
+    // One kernel over the parts where they are (the CPU side's in page-locked memory), writing the caller's
+    // buffer in its dtype: no stacking copies, no conversion after.
+    core::cuda::MergeListedParams mp;
+    mp.num_states = int(parts.size());
+    mp.head_dim = D;
+    mp.rows = B * Hq;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      mp.outs[i] = device_address(parts[i].out_buf, parts[i].out_offset);
+      mp.lses[i] = device_address(parts[i].lse_buf, parts[i].lse_offset);
+    }
+    out = into ? *into : at::empty({B, Hq, D}, at::TensorOptions().dtype(at::kFloat).device(device));
+    mp.out = out.data_ptr();
+    mp.out_type = out.scalar_type() == at::kBFloat16 ? core::cuda::MergeOut::kBFloat16
+                  : out.scalar_type() == at::kHalf   ? core::cuda::MergeOut::kFloat16
+                                                     : core::cuda::MergeOut::kFloat32;
     const auto stream = c10::cuda::getCurrentCUDAStream(device.index());
     C10_CUDA_CHECK(core::cuda::merge_listed_states(mp, stream.stream()));
     // The runtime may be dropped right after this step, before the kernel has read a host part.
-    for (size_t i = 0; i < outs.size(); ++i)
-      if (!outs[i].is_cuda()) record_host_use(outs[i], stream);
-    out = merged;
+    for (size_t i = 0; i < parts.size(); ++i) {
+      if (!parts[i].out_buf.is_cuda()) record_host_use(parts[i].out_buf, stream);
+      if (!parts[i].lse_buf.is_cuda() && !parts[i].lse_buf.is_same(parts[i].out_buf))
+        record_host_use(parts[i].lse_buf, stream);
+    }
   } else
 #endif
-  if (outs.size() > 1) {
-    std::vector<at::Tensor> on_device_outs, on_device_lses;
-    for (size_t i = 0; i < outs.size(); ++i) {
-      on_device_outs.push_back(outs[i].to(device, /*non_blocking=*/true));
-      on_device_lses.push_back(lses[i].to(device, /*non_blocking=*/true));
+  {
+    // Views of each part, moved to the device and stacked for the merge op.
+    std::vector<at::Tensor> outs, lses;
+    for (const auto& p : parts) {
+      outs.push_back(p.out_buf.view(-1).narrow(0, p.out_offset, B * Hq * D).view({B, Hq, D}).to(device, true));
+      lses.push_back(p.lse_buf.view(-1).narrow(0, p.lse_offset, B * Hq).view({B, Hq}).to(device, true));
     }
-    out = std::get<0>(op<MergeFn>("fluxion::merge_attention_states")
-                          .call(at::stack(on_device_outs), at::stack(on_device_lses)));
+    out = outs.size() == 1 ? outs.front()
+                           : std::get<0>(op<MergeFn>("fluxion::merge_attention_states").call(at::stack(outs),
+                                                                                              at::stack(lses)));
+    if (into) out = into->copy_(out);
   }
   merge_s += since(merge_start);
   step_s += since(step_start);
@@ -976,8 +1037,9 @@ void register_hybrid_runtime(torch::Library& m) {
       .def("decode", &HybridRuntime::decode)
       .def("step", [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer, std::vector<int64_t> ids,
                       at::Tensor k_win, at::Tensor v_win, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                      const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale) {
-        return self->step(layer, ids, k_win, v_win, q, k, v, budgets, block_sizes, use_gpu, scale);
+                      const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale,
+                      const c10::optional<at::Tensor>& out) {
+        return self->step(layer, ids, k_win, v_win, q, k, v, budgets, block_sizes, use_gpu, scale, out);
       })
       .def("configure",
            [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t cpu_workers, bool cpu_retrieval,
@@ -1011,6 +1073,7 @@ void register_hybrid_runtime(torch::Library& m) {
       .def("reset_stats", &HybridRuntime::reset_stats)
       .def("window", [](const c10::intrusive_ptr<HybridRuntime>& self, int64_t layer) {
         self->store->check_layer(layer);
+        TORCH_CHECK(!self->k_win.empty(), "call set_sequences before window");
         return std::make_tuple(self->k_win[size_t(layer)], self->v_win[size_t(layer)]);
       });
 }

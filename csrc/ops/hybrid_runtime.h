@@ -20,6 +20,8 @@
 #include "core/scheduler.h"
 #include "ops/store_class.h"
 
+struct CUevent_st;  // cudaEvent_t's pointee (CUDA builds only create them)
+
 namespace fluxion::ops {
 
 struct GraphStepEvent;  // hybrid_runtime.cpp: the completion event of one graph step
@@ -74,10 +76,13 @@ struct HybridRuntime : torch::CustomClassHolder {
   at::Tensor decode(int64_t layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                     const at::Tensor& budgets, const at::Tensor& block_sizes, bool use_gpu, double scale);
   // The same step for sequences `ids` whose windows the caller owns (k_win/v_win [B, Hkv, sink + local, D]
-  // of this layer, updated in place): the form the Python runtime (fluxion/runtime.py) calls.
+  // of this layer, updated in place): the form the Python runtime (fluxion/runtime.py) calls. With `out`
+  // ([B, Hq, D] on `device`, contiguous, float32 / bfloat16 / float16) the result is written there (in its dtype)
+  // and `out` is returned.
   at::Tensor step(int64_t layer, const std::vector<int64_t>& ids, at::Tensor& k_win, at::Tensor& v_win,
                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& budgets,
-                  const at::Tensor& block_sizes, bool use_gpu, double scale);
+                  const at::Tensor& block_sizes, bool use_gpu, double scale,
+                  const c10::optional<at::Tensor>& out = c10::nullopt);
   c10::Dict<std::string, double> stats() const;
   void reset_stats();
 
@@ -129,11 +134,32 @@ struct HybridRuntime : torch::CustomClassHolder {
   // for everything enqueued earlier, i.e. for the previous steps' copies and merges that read them.
   at::Tensor shared_staging_, cpu_part_, gpu_batch_bytes_;
   std::vector<float> q_float_;
+  std::shared_ptr<CUevent_st> staged_event_;  // the shared step's staging copies done (recorded by every step)
+  // The per-layer plan's page-locked buffer and device copy, two slots used in turn; `uploaded`: the slot's last
+  // upload done.
+  struct PlanSlot {
+    at::Tensor host, device;
+    std::shared_ptr<CUevent_st> uploaded;
+  };
+  PlanSlot plan_slots_[2];
+  int plan_slot_next_ = 0;
+  // The device address of the last page-locked part buffer merged (cpu_part_ is reused, and the lookup is a
+  // driver call).
+  const void* mapped_host_ = nullptr;
+  const void* mapped_device_ = nullptr;
 
-  // Merges the step's (out, lse) parts (window first) and closes the step's timers.
-  at::Tensor merge_parts(const std::vector<at::Tensor>& outs, const std::vector<at::Tensor>& lses,
+  // One partial state of a step: out [B, Hq, D] and lse [B, Hq] (float32) at element offsets into two buffers
+  // (one buffer for the CPU side's part), so that the merge makes no tensor views per part and layer.
+  struct MergePart {
+    at::Tensor out_buf, lse_buf;
+    int64_t out_offset = 0, lse_offset = 0;
+  };
+  // Merges the step's parts (window first) into `into` ([B, Hq, D] on the device, float32 / bfloat16 / float16,
+  // checked by the caller) or a new float32 tensor, and closes the step's timers.
+  at::Tensor merge_parts(const std::vector<MergePart>& parts, int64_t B, const c10::optional<at::Tensor>& into,
                          std::chrono::steady_clock::time_point merge_start,
                          std::chrono::steady_clock::time_point step_start);
+  const float* device_address(const at::Tensor& t, int64_t offset);
 };
 
 void register_hybrid_runtime(torch::Library& m);

@@ -23,17 +23,21 @@ struct ListedStates {
   __device__ float lse(int64_t s, int64_t row) const { return p->lses[s][row]; }
 };
 
-template <class States>
-__device__ void merge_row(const States& st, int64_t S, int64_t rows, int64_t D, float* out_all, float* lse_all) {
+__device__ __forceinline__ void store_as(float* p, float x) { *p = x; }
+__device__ __forceinline__ void store_as(__nv_bfloat16* p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void store_as(__half* p, float x) { *p = __float2half_rn(x); }
+
+template <class States, typename Out>
+__device__ void merge_row(const States& st, int64_t S, int64_t rows, int64_t D, Out* out_all, float* lse_all) {
   const int lane = threadIdx.x & 31;
   const int64_t row = int64_t(blockIdx.x) * (kMergeThreads / 32) + (threadIdx.x >> 5);
   if (row >= rows) return;
   float m = -INFINITY;
   for (int64_t s = lane; s < S; s += 32) m = fmaxf(m, st.lse(s, row));
   m = group_max<32>(m);
-  float* out = out_all + row * D;
+  Out* out = out_all + row * D;
   if (m == -INFINITY) {
-    for (int64_t d = lane; d < D; d += 32) out[d] = 0.f;
+    for (int64_t d = lane; d < D; d += 32) store_as(out + d, 0.f);
     if (lane == 0 && lse_all) lse_all[row] = -INFINITY;
     return;
   }
@@ -47,7 +51,7 @@ __device__ void merge_row(const States& st, int64_t S, int64_t rows, int64_t D, 
       const float l = st.lse(s, row);
       if (l != -INFINITY) acc += expf(l - m) * st.out(s, row)[d];
     }
-    out[d] = acc * inv;
+    store_as(out + d, acc * inv);
   }
   if (lane == 0 && lse_all) lse_all[row] = m + logf(total);
 }
@@ -56,8 +60,9 @@ __global__ void __launch_bounds__(kMergeThreads) merge_states_kernel(const Merge
   merge_row(StackedStates{p.outs, p.lses, p.rows, p.head_dim}, p.num_states, p.rows, p.head_dim, p.out, p.lse);
 }
 
+template <typename Out>
 __global__ void __launch_bounds__(kMergeThreads) merge_listed_kernel(const MergeListedParams p) {
-  merge_row(ListedStates{&p}, p.num_states, p.rows, p.head_dim, p.out, p.lse);
+  merge_row(ListedStates{&p}, p.num_states, p.rows, p.head_dim, static_cast<Out*>(p.out), p.lse);
 }
 
 }  // namespace
@@ -77,7 +82,14 @@ cudaError_t merge_listed_states(const MergeListedParams& p, cudaStream_t stream)
   if (p.num_states < 0 || p.num_states > kMaxListedStates) return cudaErrorInvalidValue;
   const int64_t blocks = ceil_div(p.rows, kMergeThreads / 32);
   if (blocks > int64_t(0x7fffffff)) return cudaErrorInvalidValue;
-  merge_listed_kernel<<<unsigned(blocks), kMergeThreads, 0, stream>>>(p);
+  switch (p.out_type) {
+    case MergeOut::kFloat32: merge_listed_kernel<float><<<unsigned(blocks), kMergeThreads, 0, stream>>>(p); break;
+    case MergeOut::kBFloat16:
+      merge_listed_kernel<__nv_bfloat16><<<unsigned(blocks), kMergeThreads, 0, stream>>>(p);
+      break;
+    case MergeOut::kFloat16: merge_listed_kernel<__half><<<unsigned(blocks), kMergeThreads, 0, stream>>>(p); break;
+    default: return cudaErrorInvalidValue;
+  }
   return cudaGetLastError();
 }
 

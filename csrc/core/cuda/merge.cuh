@@ -25,15 +25,19 @@ cudaError_t merge_attention_states(const MergeStatesParams& p, void* workspace, 
 
 // The same merge of parts at separate addresses (outs[s] [rows, D], lses[s] [rows]), such as the partial states
 // of one decode step written by different kernels and by the CPU: no stacking copy first. A part may live in
-// page-locked host memory (its device-accessible pointer). lse may be null (not written).
+// page-locked host memory (its device-accessible pointer). out is written in out_type (the model's dtype: the
+// decode step's result goes straight into the model's buffer, with no conversion kernel after it); lse may be
+// null (not written).
 constexpr int kMaxListedStates = 64;
+enum class MergeOut : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 struct MergeListedParams {
   const float* outs[kMaxListedStates] = {};
   const float* lses[kMaxListedStates] = {};
   int num_states = 0;  // <= kMaxListedStates
   int64_t rows = 0;
   int64_t head_dim = 0;
-  float* out = nullptr;
+  void* out = nullptr;
+  MergeOut out_type = MergeOut::kFloat32;
   float* lse = nullptr;
 };
 cudaError_t merge_listed_states(const MergeListedParams& p, cudaStream_t stream);
