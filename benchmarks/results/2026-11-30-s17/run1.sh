@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run 1 (device call): HEAD a302eea with run1_fine_timers.patch applied (per-section host timers inside the C++ step,
+# Run 1 (device call): a checkout of a302eea with run1_fine_timers.patch applied (per-section host timers inside the C++ step,
 # reported as fine_* stats); prof_gap.py at Llama 128K batch 1 and Qwen 32K batch 4. Run from the repository root with OUT set,
 # after `git apply benchmarks/results/2026-11-30-s17/run1_fine_timers.patch`.
 set -u
