@@ -8,9 +8,7 @@
 
 namespace fluxion::core {
 namespace {
-double now_s() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
+double now_s() { return steady_seconds(); }
 }  // namespace
 
 TaskQueue::TaskQueue(std::vector<QueueTask> tasks) : tasks_(std::move(tasks)) {
@@ -124,7 +122,8 @@ void SharingChoice::record(bool shared, int64_t bytes, double seconds) {
 }
 
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
-                    const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job) {
+                    const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job,
+                    const std::function<double()>& cpu_prelude) {
   if (!cpu_fn && !gpu_fn) throw std::invalid_argument("run_task_queue needs a CPU or a GPU consumer");
   if (gpu_fn && !control) throw std::invalid_argument("run_task_queue: a GPU consumer needs a control thread");
   const double t0 = now_s();
@@ -145,6 +144,9 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   // Likewise the GPU side pulls ahead of its running batches only once the CPU side has made its first pull, so
   // both first pulls are the shares they were sized as.
   std::atomic<bool> cpu_first_pulled{!shared};
+  // When the GPU's batches could start at the earliest (from the prelude): busy intervals count from there.
+  std::atomic<double> gpu_ready_at{0.0};
+  std::atomic<bool> prelude_failed{false};  // the GPU side stops pulling
   bool job_done = !control_job;
   auto run_job = [&] {
     if (job_done) return;
@@ -160,10 +162,11 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
       if (running.front().first) running.front().first();
       running_volume -= running.front().second;
       running.pop_front();
-      if (running.empty()) st.gpu_busy_s += now_s() - busy_since;
+      if (running.empty())
+        st.gpu_busy_s += now_s() - std::max(busy_since, gpu_ready_at.load(std::memory_order_acquire));
     };
     try {
-      while (st.gpu_batches < split.max_gpu_batches) {
+      while (st.gpu_batches < split.max_gpu_batches && !prelude_failed.load(std::memory_order_acquire)) {
         if (!running.empty() && (int(running.size()) >= std::max(split.gpu_in_flight, 1) ||
                                  !cpu_first_pulled.load(std::memory_order_acquire) ||
                                  queue.remaining_volume() <= running_volume)) {
@@ -206,7 +209,17 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
     st.cpu_tasks += e - b;
     ++st.cpu_batches;
   };
-  if (cpu_fn) {
+  if (cpu_prelude) {
+    double ready = now_s();
+    try {
+      ready = cpu_prelude();
+    } catch (...) {
+      cpu_error = std::current_exception();
+      prelude_failed.store(true, std::memory_order_release);
+    }
+    gpu_ready_at.store(ready, std::memory_order_release);
+  }
+  if (cpu_fn && !cpu_error) {
     while (!gpu_first_pulled.load(std::memory_order_acquire)) std::this_thread::yield();
     try {
       for (;;) {

@@ -16,6 +16,11 @@
 
 namespace fluxion::core {
 
+// Seconds on the steady clock: the time base of the queue's timers and of run_task_queue's cpu_prelude.
+inline double steady_seconds() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
 struct QueueTask {
   int32_t group = 0;   // b * Hkv + kv_head
   int64_t volume = 0;  // bytes the task is expected to read (metadata + selected K/V)
@@ -141,7 +146,14 @@ class SharingChoice {
 // control_job: work for the control thread that is off the critical path (the decode step's store write), run
 // once: by the GPU side right after its first launch, or, without a GPU side, on `control` beside the CPU side
 // (on the calling thread first when there is no `control`). It must not throw; the run returns after it.
+// cpu_prelude: what the CPU side needs before its first pull (the decode step's wait for q on the host), run on
+// the calling thread once the GPU side has started: the GPU's first batch, which needs nothing from the host, is
+// then enqueued while the host still waits. It returns when (steady_seconds()) the GPU's batches could start at
+// the earliest (the moment q was there); the GPU side's busy time counts from then, so its measured rate is not
+// charged for the wait. If it throws, the GPU side stops pulling, launched batches finish, and the error is
+// rethrown.
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
-                    const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job = {});
+                    const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job = {},
+                    const std::function<double()>& cpu_prelude = {});
 
 }  // namespace fluxion::core

@@ -104,6 +104,15 @@ std::shared_ptr<CUevent_st> record_shared_event(cudaStream_t stream) {
   C10_CUDA_CHECK(cudaEventRecord(event.get(), stream));
   return event;
 }
+
+// Records `event`, kept across steps and created (on `device`) by its first use, on `stream` now.
+void record_kept_event(std::shared_ptr<CUevent_st>& event, at::Device device, cudaStream_t stream) {
+  if (!event) {
+    const c10::cuda::CUDAGuard guard(device);
+    event = new_shared_event();
+  }
+  C10_CUDA_CHECK(cudaEventRecord(event.get(), stream));
+}
 #endif
 
 // Writes a layer's pending store writes when it goes out of scope (a no-op once they are written): a shared step
@@ -443,11 +452,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       copy_to_host_async(k_dst, k, store->scalar_type(), stream);
       copy_to_host_async(v_dst, v, store->scalar_type(), stream);
       // One event, recorded again by every shared step (its deferred write is flushed before the step returns).
-      if (!staged_event_) {
-        const c10::cuda::CUDAGuard guard(device);
-        staged_event_ = new_shared_event();
-      }
-      C10_CUDA_CHECK(cudaEventRecord(staged_event_.get(), stream));
+      record_kept_event(staged_event_, device, stream);
       staged_event = staged_event_;
 #endif
     } else {
@@ -498,11 +503,7 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     plan_dev = slot->device.narrow(0, 0, layout.words());
     const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
     C10_CUDA_CHECK(cudaMemcpyAsync(plan_dev.data_ptr(), ph, size_t(layout.words()) * 4, cudaMemcpyHostToDevice, stream));
-    if (!slot->uploaded) {
-      const c10::cuda::CUDAGuard guard(device);
-      slot->uploaded = new_shared_event();
-    }
-    C10_CUDA_CHECK(cudaEventRecord(slot->uploaded.get(), stream));
+    record_kept_event(slot->uploaded, device, stream);
   } else if (on_gpu) {
     plan_dev = upload_pinned(plan, device);
   }
@@ -546,19 +547,14 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
     return merge_parts(parts, B, out, Clock::now(), t_step);
   }
 
-  // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free. First the
-  //     wait for q's producers (the model's own GPU work of this layer, timed apart), which also waits for
+  // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free. The CPU side
+  //     first waits for q on the host (the model's own GPU work of this layer, timed apart), which also waits for
   //     everything enqueued before, i.e. for the previous steps' merges that read the CPU part buffer written
-  //     below; then the token goes into the store. When the local window holds at least one block of the largest
-  //     size, the retrieval reads neither the token's rows nor a metadata row its write changes (the last
-  //     candidate block ends `local` tokens before it, at every granularity), so the write can run beside it.
+  //     then. When the local window holds at least one block of the largest size, the retrieval reads neither the
+  //     token's rows nor a metadata row its write changes (the last candidate block ends `local` tokens before it,
+  //     at every granularity): the write runs beside the retrieval, and the GPU's first batch is enqueued before
+  //     the host's wait (it reads q on the device), so it starts as soon as the window's kernels are done.
   t = Clock::now();
-#ifdef FLUXION_WITH_CUDA
-  if (staged_event) {
-    C10_CUDA_CHECK(cudaEventSynchronize(staged_event.get()));
-    model_wait_s += since(t);
-  }
-#endif
   // On a GPU the control thread has a core of its own and idles while its first batch runs (or, in `fixed` mode,
   // throughout): the write goes there, and run_task_queue returns only after it.
   const bool write_beside = on_gpu && local >= core::kGranularities[core::kNumGranularities - 1];
@@ -567,22 +563,45 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   if (write_beside) {
     write_token = [this, layer, &write_error] {
       try {
-        store->flush_pending(layer);
+        store->flush_pending(layer);  // waits for the staging copies (the deferred write's `ready`)
       } catch (...) {
         write_error = std::current_exception();
       }
     };
     if (!control) control = std::make_unique<core::ControlThread>();
-  } else {
-    store->flush_pending(layer);
   }
-  append_s += since(t);
-  t = Clock::now();
-  q_float_.resize(size_t(B * Hq * D));
-  {
-    const bool bf16 = store->scalar_type() == at::kBFloat16;
-    for (size_t i = 0; i < q_float_.size(); ++i)
-      q_float_[i] = bf16 ? core::bf16_to_float(q16[i]) : core::fp16_to_float(q16[i]);
+  // The CPU side's part, one per row (heads it does not run keep lse = -inf): out [R, Hq, D] | lse [R, Hq]. On a
+  // GPU the merge reads it in place.
+  const at::Tensor part = reuse_buffer(cpu_part_, R * Hq * (D + 1), at::kFloat, on_gpu);
+  float* const out_cpu = part.data_ptr<float>();
+  float* const lse_cpu = out_cpu + R * Hq * D;
+  double wait_s = 0;  // for q, inside the queue's time when the GPU starts first
+  // Returns when the host saw q (core::steady_seconds()): the GPU's batches could start from then.
+  auto wait_for_q = [&]() -> double {
+    const auto w = Clock::now();
+#ifdef FLUXION_WITH_CUDA
+    if (staged_event) C10_CUDA_CHECK(cudaEventSynchronize(staged_event.get()));
+#endif
+    const double q_ready = core::steady_seconds();
+    wait_s = since(w);
+    if (!write_beside) store->flush_pending(layer);
+    q_float_.resize(size_t(B * Hq * D));
+    // One loop per dtype, so each vectorises.
+    if (store->scalar_type() == at::kBFloat16) {
+      for (size_t i = 0; i < q_float_.size(); ++i) q_float_[i] = core::bf16_to_float(q16[i]);
+    } else {
+      for (size_t i = 0; i < q_float_.size(); ++i) q_float_[i] = core::fp16_to_float(q16[i]);
+    }
+    std::fill_n(out_cpu, R * Hq * D, 0.f);
+    std::fill_n(lse_cpu, R * Hq, -std::numeric_limits<float>::infinity());
+    return q_ready;
+  };
+  // The GPU's first batch may go out before the host has q only when the token's write runs beside the retrieval.
+  const bool gpu_first = write_beside;
+  if (!gpu_first) {
+    wait_for_q();
+    append_s += since(t);
+    t = Clock::now();
   }
   core::LayerView view;
   view.pages = store->store->arena();
@@ -591,13 +610,6 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   view.frame_table = ph + layout.o_frames();
   view.frame_stride = layout.F;
   view.seq_lens = lens_host.data_ptr<int32_t>();
-  // The CPU side's part, one per row (heads it does not run keep lse = -inf): out [R, Hq, D] | lse [R, Hq]. On a
-  // GPU the merge reads it in place.
-  const at::Tensor part = reuse_buffer(cpu_part_, R * Hq * (D + 1), at::kFloat, on_gpu);
-  float* const out_cpu = part.data_ptr<float>();
-  float* const lse_cpu = out_cpu + R * Hq * D;
-  std::fill_n(out_cpu, R * Hq * D, 0.f);
-  std::fill_n(lse_cpu, R * Hq, -std::numeric_limits<float>::infinity());
   std::vector<int64_t> bytes_cpu(size_t(R * Hkv), 0);
   uint64_t cpu_row_blocks = 0;  // row blocks (RetrievalRows::blocks_of) the CPU side wrote
   const core::cpu::RetrievalConfig rcfg{int(sink), int(local), float(scale)};
@@ -677,9 +689,10 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   split.max_gpu_batches = int(max_gpu_batches);
   if (cpu_rate > 0 && gpu_rate > 0) split.cpu_share = cpu_rate / (cpu_rate + gpu_rate);
   core::run_task_queue(queue, (cpu_retrieval || !gpu_fn) ? cpu_fn : core::CpuBatchFn{}, gpu_fn, control.get(), split,
-                       &qs, write_token);
+                       &qs, write_token, gpu_first ? std::function<double()>(wait_for_q) : std::function<double()>{});
   if (write_error) std::rethrow_exception(write_error);
-  const double shared_s = since(t);
+  model_wait_s += wait_s;
+  const double shared_s = std::max(0.0, since(t) - (gpu_first ? wait_s : 0.0));
   retrieval_s += shared_s;
   shared_retrieval_s += shared_s;
   // Throughputs for the next step's split (exponential average over steps; only steps where a side ran).

@@ -56,8 +56,9 @@ struct HybridRuntime : torch::CustomClassHolder {
   at::Tensor gpu_bytes_pending;  // bytes read by GPU-alone steps, summed on the device (read by stats())
   double cpu_select_s = 0, cpu_attend_s = 0;  // the CPU side's phases: score + top-k + union, attention + merge
   double cpu_score_s = 0, cpu_topk_s = 0;     // of cpu_select_s: the scoring and top-k phases
-  // model_wait_s: a shared step's wait for q, i.e. for the model's GPU work before this layer's attention (part
-  // of append_s and step_s; not attention).
+  // model_wait_s: a shared step's wait for q on the host, i.e. for the model's GPU work before this layer's
+  // attention (part of step_s, and of append_s when the token is written before the retrieval; not attention,
+  // and not in retrieval_s either, although the GPU's first batch is already enqueued during it).
   double model_wait_s = 0;
   // plan_s: planning the layer step, uploading the plan, launching the window append; append_s: the new token
   // into the host store (staging copies, the wait for q, the store write).

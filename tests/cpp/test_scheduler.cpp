@@ -347,6 +347,76 @@ TEST_CASE("the control job runs once, after the GPU side's first launch or besid
   }
 }
 
+TEST_CASE("the CPU prelude runs while the GPU's first batch is out; a failing prelude stops the run", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  core::ControlThread control;
+  core::QueueSplit split;
+  split.cpu_share = 0.5;
+  for (int rep = 0; rep < 20; ++rep) {
+    // The GPU launches its first batch before the prelude returns; the CPU pulls only after the prelude.
+    {
+      core::TaskQueue q(tasks);
+      std::atomic<int> launches{0}, launches_in_prelude{-1};
+      std::atomic<bool> prelude_done{false}, cpu_before_prelude{false};
+      std::mutex mu;
+      std::set<int64_t> seen;
+      core::QueueRunStats stats;
+      core::run_task_queue(
+          q,
+          [&](int64_t b, int64_t e) {
+            if (!prelude_done) cpu_before_prelude = true;
+            std::lock_guard<std::mutex> lock(mu);
+            for (int64_t i = b; i < e; ++i) REQUIRE(seen.insert(i).second);
+          },
+          [&](int64_t b, int64_t e, int) {
+            ++launches;
+            {
+              std::lock_guard<std::mutex> lock(mu);
+              for (int64_t i = b; i < e; ++i) REQUIRE(seen.insert(i).second);
+            }
+            // Like a real batch, it cannot finish before q is there (the prelude's end).
+            return core::GpuWaitFn([&] {
+              for (int i = 0; i < 100000 && !prelude_done; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
+              std::this_thread::sleep_for(std::chrono::microseconds(200));
+            });
+          },
+          &control, split, &stats, {},
+          [&] {
+            // Like the host's wait for q: long enough for the control thread to launch.
+            for (int i = 0; i < 100000 && launches == 0; ++i) std::this_thread::sleep_for(std::chrono::microseconds(10));
+            launches_in_prelude = launches.load();
+            const double ready = core::steady_seconds();
+            std::this_thread::sleep_for(std::chrono::milliseconds(5));
+            prelude_done = true;
+            return ready + 0.002;
+          });
+      REQUIRE(launches_in_prelude == 1);
+      REQUIRE_FALSE(cpu_before_prelude);
+      REQUIRE(seen.size() == tasks.size());
+      // The GPU's busy time counts from when the prelude says the GPU could start (2 ms in), not from the launch
+      // before it; the first batch ran until 5 ms in at the earliest.
+      REQUIRE(stats.gpu_busy_s > 0.0029);
+      REQUIRE(stats.gpu_busy_s < stats.wall_s - 0.0019);
+    }
+    // A prelude that throws: the GPU stops pulling, its batches are waited for, the error reaches the caller.
+    {
+      core::TaskQueue q(tasks);
+      std::atomic<int> running{0}, cpu_batches{0};
+      REQUIRE_THROWS_AS(core::run_task_queue(
+                              q, [&](int64_t, int64_t) { ++cpu_batches; },
+                              [&](int64_t, int64_t, int) {
+                                ++running;
+                                return core::GpuWaitFn([&] { --running; });
+                              },
+                              &control, split, nullptr, {}, []() -> double { throw std::invalid_argument("q never came"); }),
+                          std::invalid_argument);
+      REQUIRE(running == 0);
+      REQUIRE(cpu_batches == 0);
+    }
+  }
+}
+
 TEST_CASE("adaptive sharing explores both options, then runs the faster and probes the other", "[scheduler]") {
   core::SharingChoice c;
   const auto picks = drive(c, 3 * core::SharingChoice::kProbeEvery, [](int) { return 50.0; }, [](int) { return 80.0; });
