@@ -367,6 +367,7 @@ void HostKVStore::reserve_free_frames(int64_t frames_needed) {
       }
       pinned_chunks_.emplace_back(base, bytes);
       pinned_bytes_ += int64_t(bytes);
+      pin_ahead_failed_ = false;  // pinning works again: the next chunk may go ahead
     }
     committed_bytes_ = new_end;
   }

@@ -164,7 +164,8 @@ class HostKVStore {
   std::unique_ptr<PinAhead> pin_ahead_;
   int64_t pin_ahead_end_ = 0;      // end (bytes into the arena) of the chunk in flight; 0: none
   int64_t pinned_ahead_bytes_ = 0;  // pinned by the thread and taken in, in all
-  bool pin_ahead_failed_ = false;  // a chunk failed: growth stays on the appends (which report the error)
+  // A chunk failed: growth stays on the appends (which report the error) until one of them pins successfully.
+  bool pin_ahead_failed_ = false;
   int64_t fresh_frames_ = 0;    // frames [0, fresh_frames_) have been handed out (new ones go in id order)
   int64_t prefault_end_ = 0;    // frames below this were handed out or sent to the prefaulter
 

@@ -367,11 +367,12 @@ TEST_CASE("a pinned store pins its next chunk on a thread of its own before appe
   REQUIRE(pinner->all_unpinned());
 }
 
-TEST_CASE("a pinned store whose chunk failed to pin ahead still grows on the append, or fails it keeping every token",
+TEST_CASE("a pinned store whose chunk failed to pin ahead still grows on the append, or fails it keeping every token; "
+          "pinning ahead resumes once an append pins again",
           "[store]") {
   const core::StoreConfig c = llama_heads_config();
   const int H = c.num_kv_heads, D = c.head_dim;
-  const int64_t N = 5 * c.page_tokens;
+  const int64_t N = 6 * c.page_tokens;  // 24 frames in the end: fewer than 2 per (sequence, layer) stay free
   auto k = test::random_bf16(size_t(H * N * D), 23), v = test::random_bf16(size_t(H * N * D), 24);
   auto pinner = std::make_shared<RecordingPinner>();
   {
@@ -392,11 +393,19 @@ TEST_CASE("a pinned store whose chunk failed to pin ahead still grows on the app
     REQUIRE(s.stats().committed_bytes == before.committed_bytes);
     REQUIRE(s.seq_len(1, seqs[1]) == 2048);
     pinner->fail = false;
-    // The layers and sequences the failed call did not reach still take their tokens.
+    // The layers and sequences the failed call did not reach still take their tokens; the append that needs new
+    // memory pins it on its own thread.
+    const auto caller = std::this_thread::get_id();
+    const int64_t pins_ahead = pinner->pins_on(caller, false);
     for (int layer = 0; layer < 2; ++layer)
       for (int seq : seqs)
         if (s.seq_len(layer, seq) < 4096) append_range(s, layer, seq, k, v, N, 2048, 4096, D);
+    REQUIRE(s.stats().committed_bytes > before.committed_bytes);
+    REQUIRE(pinner->pins_on(caller, false) == pins_ahead);
+    // That pin worked: once few frames are free again, the next chunk is pinned ahead, on the thread.
     append_all(4096, N);
+    REQUIRE(s.wait_pinned_ahead() > 0);
+    REQUIRE(pinner->pins_on(caller, false) > pins_ahead);
     require_tokens(s, seqs, k, v, N);
   }
   REQUIRE(pinner->all_unpinned());
