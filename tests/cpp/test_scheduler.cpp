@@ -173,7 +173,7 @@ TEST_CASE("a side's first pull rounds its expected share to the nearest whole ta
   }
 }
 
-TEST_CASE("a capped GPU side leaves the rest to the CPU; one side alone takes one batch", "[scheduler]") {
+TEST_CASE("a capped GPU side leaves the rest to the CPU, and one side alone takes one batch", "[scheduler]") {
   std::vector<core::QueueTask> tasks;
   for (int g = 0; g < 50; ++g) tasks.push_back({g, 10});
   core::ControlThread control;
@@ -347,7 +347,7 @@ TEST_CASE("the control job runs once, after the GPU side's first launch or besid
   }
 }
 
-TEST_CASE("the CPU prelude runs while the GPU's first batch is out; a failing prelude stops the run", "[scheduler]") {
+TEST_CASE("the CPU prelude runs while the GPU's first batch is out, and a failing one stops the run", "[scheduler]") {
   std::vector<core::QueueTask> tasks;
   for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
   core::ControlThread control;

@@ -367,8 +367,8 @@ TEST_CASE("a pinned store pins its next chunk on a thread of its own before appe
   REQUIRE(pinner->all_unpinned());
 }
 
-TEST_CASE("a pinned store whose chunk failed to pin ahead still grows on the append, or fails it keeping every token; "
-          "pinning ahead resumes once an append pins again",
+TEST_CASE("a pinned store whose chunk failed to pin ahead grows on the append (or fails it, keeping every token) "
+          "and pins ahead again once an append has pinned",
           "[store]") {
   const core::StoreConfig c = llama_heads_config();
   const int H = c.num_kv_heads, D = c.head_dim;
