@@ -301,11 +301,12 @@ def main(argv=None) -> int:
     p.add_argument("--modes", nargs="+",
                    default=["graph-floor", "full", "fixed16-0.05", "fixed16-0.02", "fluxion", "hf-offload", "hf-gpu"])
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=4,
+                   help="untimed steps before each mode's timed ones; a mode's configuration restarts 'fluxion' "
+                        "mode's adaptive sharing, which tries both options on its first 4 steps: keep it >= 4")
     p.add_argument("--rounds", type=int, default=1,
                    help="Fluxion modes take turns in this many rounds of --warmup + --steps steps each, on one prefill "
-                        "(cancels the host's drift out of their ratios). Each turn reconfigures the cache, which "
-                        "restarts 'fluxion' mode's adaptive sharing (4 exploring steps): use --warmup 4 or more")
+                        "(cancels the host's drift out of their ratios); each turn reconfigures the cache")
     p.add_argument("--floor-context", type=int, default=1024)
     p.add_argument("--backend", choices=["python", "cpp"], default="cpp", help="FluxionConfig.decode_backend")
     p.add_argument("--no-graphs", action="store_true", help="Fluxion modes through HF's eager forward")
