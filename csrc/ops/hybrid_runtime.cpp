@@ -550,10 +550,11 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   // 4b. The shared queue: the CPU side and the GPU control thread each pull the next share when free. The CPU side
   //     first waits for q on the host (the model's own GPU work of this layer, timed apart), which also waits for
   //     everything enqueued before, i.e. for the previous steps' merges that read the CPU part buffer: it is
-  //     cleared only after that wait. When the local window holds at least one block of the largest size, the retrieval reads neither the
-  //     token's rows nor a metadata row its write changes (the last candidate block ends `local` tokens before it,
-  //     at every granularity): the write runs beside the retrieval, and the GPU's first batch is enqueued before
-  //     the host's wait (it reads q on the device), so it starts as soon as the window's kernels are done.
+  //     cleared only after that wait. When the local window holds at least one block of the largest size, the
+  //     retrieval reads neither the token's rows nor a metadata row its write changes (the last candidate block
+  //     ends `local` tokens before it, at every granularity): the write runs beside the retrieval, and the GPU's
+  //     first batch is enqueued before the host's wait (it reads q on the device), so it starts as soon as the
+  //     window's kernels are done.
   t = Clock::now();
   // On a GPU the control thread has a core of its own and idles while its first batch runs (or, in `fixed` mode,
   // throughout): the write goes there, and run_task_queue returns only after it.
