@@ -432,9 +432,7 @@ void HostKVStore::pin_ahead() {
   try {
     adopt_pinned_ahead(/*wait=*/false);
     if (pin_ahead_failed_) return;
-    int64_t live = 0;
-    for (const Sequence& s : seqs_) live += s.live;
-    const int64_t low = 2 * live * config_.num_layers, free = int64_t(free_frames_.size());
+    const int64_t low = 2 * live_rows(), free = int64_t(free_frames_.size());
     // Below one page turn of every live (sequence, layer) the appends are catching up with the chunk (a prefill
     // fills pages far faster than a decode): the thread pins without pauses.
     const bool urgent = 2 * free < low;
@@ -475,13 +473,17 @@ int64_t HostKVStore::wait_pinned_ahead() {
   return pinned_ahead_bytes_;
 }
 
-void HostKVStore::prefault_ahead() {
+int64_t HostKVStore::live_rows() const {
   int64_t live = 0;
   for (const Sequence& s : seqs_) live += s.live;
+  return live * config_.num_layers;
+}
+
+void HostKVStore::prefault_ahead() {
   // Frames never handed out go in id order (the free list hands out low ids first, and a freed frame has been
   // used), so the next ones to be used for the first time are those from fresh_frames_ on.
   const int64_t max_frames = std::min<int64_t>(limit_bytes() / frame_bytes(), INT32_MAX);
-  const int64_t want = std::min(max_frames, fresh_frames_ + live * config_.num_layers);
+  const int64_t want = std::min(max_frames, fresh_frames_ + live_rows());
   // Best effort throughout: the append that called this has already reserved its tokens, and whatever fails here
   // is done by the append that needs the frames (which reports its own errors).
   try {

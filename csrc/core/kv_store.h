@@ -150,9 +150,12 @@ class HostKVStore {
   // than two new pages for every live (sequence, layer): a thread of its own commits the next chunk, faults it in
   // (no driver lock) and pins it in pieces of kPinPiece with pauses between them, so that a decode step is held
   // up by one piece (a few ms) at most. The pauses stop once fewer than one new page per live (sequence, layer)
-  // is left free: appends that fill pages that fast (a prefill) would otherwise wait for a thread at half speed. The chunk's frames are taken in by the first append that needs them, or
-  // by the first append after it is done; an append that needs them earlier waits for it.
+  // is left free: appends that fill pages that fast (a prefill) would otherwise wait for a thread at half speed.
+  // The chunk's frames are taken in by the first append that needs them, or by the first append after it is done;
+  // an append that needs them earlier waits for it.
   void pin_ahead();
+  // (sequence, layer) pairs that may start a new page on the next append: live sequences x layers.
+  int64_t live_rows() const;
   // Takes a finished chunk into the free frames (waiting for it when `wait`).
   void adopt_pinned_ahead(bool wait);
   // Adds the frames of committed memory not yet on the free list.
