@@ -26,9 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_rows  # noqa: E402
-
-import fluxion  # noqa: E402
+from common import build_store, environment, write_rows  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,15 +45,8 @@ def main(argv=None) -> int:
         p.error("needs a CUDA device: only a pinned store (with a GPU) pins as it grows")
     env = environment()
     B, L, H, D = a.batch, a.layers, a.hkv, a.head_dim
-    store = fluxion.HostKVStore(L, H, D, torch.bfloat16, page_tokens=a.page_tokens, pin=True)
-    seqs = [store.add_sequence() for _ in range(B)]
-    chunk = 8192
-    kc = torch.zeros(B, H, chunk, D, dtype=torch.bfloat16)
     t = time.perf_counter()
-    for layer in range(L):
-        for lo in range(0, a.context, chunk):
-            n = min(chunk, a.context - lo)
-            store.append(layer, seqs, kc[:, :, :n], kc[:, :, :n])
+    store, seqs = build_store(a.context, L, H, D, B, pin=True, page_tokens=a.page_tokens, random=False)
     prefill_s = time.perf_counter() - t
     wait_ahead = getattr(store, "wait_pinned_ahead", None)  # absent before session 16's store
     if wait_ahead:

@@ -43,18 +43,23 @@ def environment() -> dict:
 
 
 def build_store(ctx: int, layers: int, hkv: int, d: int, batch: int = 1, pin: bool = False, seed: int = 0,
-                chunk: int = 8192, page_tokens: int = 1024):
-    """A HostKVStore with `layers` layers of `batch` sequences of `ctx` random BF16 tokens each."""
+                chunk: int = 8192, page_tokens: int = 1024, random: bool = True):
+    """A HostKVStore with `layers` layers of `batch` sequences of `ctx` BF16 tokens each: random, or zeros when
+    the values do not matter (no generator time)."""
     import fluxion
 
     store = fluxion.HostKVStore(layers, hkv, d, torch.bfloat16, page_tokens=page_tokens, pin=pin)
     seqs = [store.add_sequence() for _ in range(batch)]
     g = torch.Generator().manual_seed(seed)
+    zeros = None if random else torch.zeros(batch, hkv, min(chunk, ctx), d, dtype=torch.bfloat16)
     for layer in range(layers):
         for start in range(0, ctx, chunk):
             t = min(chunk, ctx - start)
-            k = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
-            v = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
+            if random:
+                k = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
+                v = torch.randn(batch, hkv, t, d, generator=g).to(torch.bfloat16)
+            else:
+                k = v = zeros[:, :, :t]
             store.append(layer, seqs, k, v)
     return store, seqs
 
