@@ -577,10 +577,10 @@ class HybridAttentionRuntime:
         at the moments the last item of a phase ended, since a task's next phase starts as soon as its own
         previous one is done: cpu_select_s = until the last union (scoring + top-k + union), of which cpu_score_s
         until the last score chunk and cpu_topk_s from then until the last top-k; cpu_attend_s = the attention and
-        merges left after the last union), gpu_busy_s
-        (GPU batches of shared steps from launch to completion), step_s, model_wait_s (the part of step_s a shared step spent
-        waiting for its q on the host, i.e. for the model's own GPU work before the layer's attention; in append_s too
-        when the token is written before the retrieval (local < 128), else beside retrieval_s, which excludes it),
+        merges left after the last union), gpu_busy_s (GPU batches of shared steps from launch, or from the moment the
+        host saw q if later, to completion), step_s, model_wait_s (the part of step_s a shared step spent waiting for
+        its q on the host, i.e. for the model's own GPU work before the layer's attention; in append_s too when the
+        token is written before the retrieval (local < 128), else beside retrieval_s, which excludes it),
         plan_s (planning each layer step, uploading its plan, launching the window append),
         gpu_alone_steps (layer steps small
         enough to run on the GPU alone without a host sync, see min_shared_volume), cpu_alone_steps (layer steps

@@ -61,7 +61,8 @@ struct HybridRuntime : torch::CustomClassHolder {
   // and not in retrieval_s either, although the GPU's first batch is already enqueued during it).
   double model_wait_s = 0;
   // plan_s: planning the layer step, uploading the plan, launching the window append; append_s: the new token
-  // into the host store (staging copies, the wait for q, the store write).
+  // into the host store (staging copies; also the wait for q and the store write when the token is written before
+  // the retrieval, local < 128: else the write runs beside it on the control thread).
   double plan_s = 0;
   double append_s = 0, dense_s = 0, retrieval_s = 0, shared_retrieval_s = 0, cpu_busy_s = 0, gpu_busy_s = 0, merge_s = 0, step_s = 0;
 
