@@ -136,6 +136,7 @@ def run_fluxion_modes(model, modes, ids, a, measure_host):
         if share is not None:
             print(f"# host store after prefill: {share:.0%} of its resident memory on huge pages", flush=True)
         rt = cache.runtime
+        rt.timeline = True  # the attention's time on the GPU's clock (attention_step)
 
         def step(tok, i):  # on a GPU, fluxion.enable runs this through the CUDA-graph segments (cuda_graphs)
             return model(input_ids=tok, past_key_values=cache, use_cache=True).logits
@@ -251,20 +252,26 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     bytes touched / host-read GB/s for 'fixed' (CPU retrieval only), bytes / (host-read + PCIe GB/s) otherwise,
     the PCIe term weighted by the share of the `layers` layer steps that did not run on the CPU alone
     (device_policy 'auto' leaves the GPU out where that reads faster: per-step cpu_alone_steps).
-    Its time is the C++ step's host-measured step_s less model_wait_s (the shared step's wait for q, which is the
-    model's own GPU work of the layer before its attention, not attention). The host work a shared step does
-    before that wait (planning, the window's kernels) counts, though it overlaps the model's GPU work. Layer steps
-    that ran on the GPU alone (gpu_alone_steps) never wait: their host time is only the enqueueing, so there
-    the attention time is taken as TPOT minus the whole-step graph floor (which holds the non-attention work).
+    Its time, where the steps ran through the CUDA-graph segments, is measured on the GPU's clock
+    (runtime.timeline, source 'gpu-clock'): per layer, from the end of the segment that produced q to the start of
+    the next one. That is everything the attention costs the step, waits for the host included, and the segments'
+    spans (segments_gpu_ms) are the model's own work. The C++ step's host timers give attention_host_ms: step_s
+    less model_wait_s (the shared step's wait for q, i.e. for the model's segment). That counts the host work a
+    step does before its wait (planning, launches) though the GPU is still running the segment then, and misses
+    the host's way back to the next segment's launch after the merge. Without the GPU clock, the attention time
+    is attention_host_ms, and for layer steps that ran on the GPU alone (gpu_alone_steps; their host time is
+    only the enqueueing) TPOT minus the whole-step graph floor (which holds the non-attention work).
     of_both_ceiling: the same bytes against the rate both devices reached reading host memory at once
     (combined_read_bandwidth), for the modes that use both."""
     nbytes = per.get("bytes_cpu", 0.0) + per.get("bytes_pcie", 0.0)
     alone = min(1.0, per.get("cpu_alone_steps", 0.0) / layers) if layers else 0.0
     ceiling = host_bw if mode.startswith("fixed") or not pcie_bw else host_bw + pcie_bw * (1.0 - alone)
     roofline = nbytes / (ceiling * 1e9)
-    step = per.get("step_s", 0.0) - per.get("model_wait_s", 0.0)
+    host_step = step = per.get("step_s", 0.0) - per.get("model_wait_s", 0.0)
     source = "step_s"
-    if per.get("gpu_alone_steps", 0) > 0 and floor is not None:
+    if per.get("attention_gpu_s", 0.0) > 0 and per.get("graph_steps", 0) == 0:
+        step, source = per["attention_gpu_s"], "gpu-clock"
+    elif per.get("gpu_alone_steps", 0) > 0 and floor is not None:
         step, source = max(step, tpot - floor), "tpot-floor"
     elif per.get("graph_steps", 0) > 0:
         # Whole-step graphs leave the host timers empty: without a graph-floor row there is nothing to subtract.
@@ -276,14 +283,16 @@ def attention_step(mode: str, per: dict, stats: dict, host_bw: float, pcie_bw: f
     def side_rate(nbytes_key, busy_key):
         return per.get(nbytes_key, 0.0) / per[busy_key] / 1e9 if per.get(busy_key, 0.0) > 0 else 0.0
 
-    return dict(attention_ms=step * 1e3, attention_from=source, mb_per_step=nbytes / 1e6,
+    return dict(attention_ms=step * 1e3, attention_from=source, attention_host_ms=host_step * 1e3,
+                segments_gpu_ms=per.get("segments_gpu_s", 0.0) * 1e3, mb_per_step=nbytes / 1e6,
                 roofline_ms=roofline * 1e3, of_roofline=roofline / step if step > 0 else float("nan"), of_both_ceiling=of_both,
                 gpu_idle_ratio=stats.get("gpu_idle_ratio", 1.0), cpu_side_gbps=side_rate("bytes_cpu", "cpu_busy_s"),
                 gpu_side_gbps=side_rate("bytes_pcie", "gpu_busy_s"))
 
 
 # How attention_step measured the attention time, as printed after it.
-ATTENTION_SOURCE = {"step_s": "", "tpot-floor": " (TPOT - floor)", "n/a": " (n/a: whole-step graphs and no graph-floor row)"}
+ATTENTION_SOURCE = {"gpu-clock": " (GPU clock)", "step_s": " (host timers)", "tpot-floor": " (TPOT - floor)",
+                    "n/a": " (n/a: whole-step graphs and no graph-floor row)"}
 
 
 def pct(xs, q):
@@ -392,8 +401,10 @@ def main(argv=None) -> int:
                         if per else {})
                 if attn:
                     attn["host_read_gbps"] = host_mode
+                clock = (f" (host timers {attn['attention_host_ms']:.2f}ms, model segments "
+                         f"{attn['segments_gpu_ms']:.2f}ms)") if attn and attn["attention_from"] == "gpu-clock" else ""
                 eff = (f"  | attention {attn['attention_ms']:.2f}ms"
-                       f"{ATTENTION_SOURCE[attn['attention_from']]}, {attn['mb_per_step']:.0f} MB, roofline "
+                       f"{ATTENTION_SOURCE[attn['attention_from']]}{clock}, {attn['mb_per_step']:.0f} MB, roofline "
                        f"{attn['roofline_ms']:.2f}ms = {attn['of_roofline']:.0%} ({attn['of_both_ceiling']:.0%} of the "
                        f"both-at-once ceiling), GPU idle "
                        f"{attn['gpu_idle_ratio']:.0%}, whole-step graphs {stats.get('graph_steps', 0)}/"

@@ -149,11 +149,20 @@ class SegmentGraphs:
             # whole-step graph is captured after it, for the next steps.
             self._whole.pop(rt, None)
         attend = rt.graph_decode if key is not None else rt.decode
+        mark = _TimelineMarks(rt) if getattr(rt, "timeline", False) and key is None else None
+        if mark:
+            mark.segment_starts()
         self.graphs[0].replay()
         for i in range(len(self.layers)):
             q, k, v = self.outs[i][-3:]
+            if mark:
+                mark.attention_starts()
             attend(i, q, k, v, out=self.attn)
+            if mark:
+                mark.segment_starts()
             self.graphs[i + 1].replay()
+        if mark:
+            mark.close()
         if key is not None:
             self._capture_whole(rt, key)  # inside the open step: graph_decode checks that one is open
             rt.graph_end()
@@ -171,3 +180,36 @@ class SegmentGraphs:
                     h, q, k, v = self._seg_mid(i, h, cos, sin)
             logits = self._seg_last(h)
         self._whole[rt] = (key, g, logits)
+
+
+class _TimelineMarks:
+    """A step's segment boundaries on the GPU's clock (HybridAttentionRuntime.timeline): an event recorded after
+    each enqueue completes when the GPU reaches it, so the span from one segment's end to the next one's start is
+    everything a layer's attention costs the step: its kernels, the CPU side, and any wait for the host (planning
+    late, syncs, launches, Python). The model's own work is the segments' spans. Both go to the runtime's stats
+    (`attention_gpu_s`, `segments_gpu_s`), resolved lazily like its other GPU timers."""
+
+    __slots__ = ("stats", "last", "running")
+
+    def __init__(self, rt):
+        self.stats, self.last, self.running = rt._stats, None, None
+
+    def _record(self, starts):
+        """Ends the running interval and starts `starts` (a stats key, or None)."""
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        if self.last is not None:
+            self.stats.events.append((self.running, self.last, ev))
+        self.last, self.running = ev, starts
+
+    def segment_starts(self):
+        self._record("segments_gpu_s")
+
+    def attention_starts(self):
+        self._record("attention_gpu_s")
+
+    def close(self):
+        self._record(None)
+        if len(self.stats.events) > 4096:  # bound the pending list, as _Timer does
+            self.stats.resolve()
+

@@ -145,7 +145,7 @@ class _Stats:
     def resolve(self):
         for key, a, b in self.events:
             b.synchronize()
-            self.t[key] += a.elapsed_time(b) / 1e3
+            self.t[key] = self.t.get(key, 0.0) + a.elapsed_time(b) / 1e3
         self.events.clear()
         if self.bytes_pcie_dev is not None:
             self.bytes_pcie_host += int(self.bytes_pcie_dev.item())
@@ -163,6 +163,12 @@ class HybridAttentionRuntime:
         dtype:         the model's dtype (outputs are returned in it).
         scale:         softmax scale (default 1 / sqrt(D)).
         timing:        record per-part timings (CUDA events on a GPU); traffic and task counts are always kept.
+
+    Set ``timeline = True`` to have CUDA-graph decode steps (fluxion/graphs.py) record an event at every segment
+    boundary: :meth:`stats` then adds ``attention_gpu_s`` (on the GPU's clock, from each layer's q being ready to
+    the next segment starting: everything attention costs the step, waits for the host included) and
+    ``segments_gpu_s`` (the model's own work). Off by default: it costs ~2 events per layer of host time.
+    Whole-step graphs are not covered.
     """
 
     # On a GPU, a layer's decode step whose retrieval reads fewer bytes than this runs on the GPU alone and the
@@ -202,6 +208,7 @@ class HybridAttentionRuntime:
                                                         self.local, config.cpu_threads or 0)
         self._set_plan_constants(config)
         self.timing = timing
+        self.timeline = False
         self._stats = _Stats()
         self.seq_ids: list[int] | None = None
         self.positions = [0] * num_layers
@@ -588,7 +595,7 @@ class HybridAttentionRuntime:
         whose attention ran inside a whole-step CUDA graph, see graph_begin; the host timers do not cover them)
         and gpu_idle_ratio: the
         share of the retrieval phase during which the GPU waited (no batch of a shared step running; GPU-alone
-        steps count as busy).
+        steps count as busy). With :attr:`timeline` on: attention_gpu_s and segments_gpu_s (see the class).
         """
         st = self._stats
         st.resolve()

@@ -94,6 +94,45 @@ def test_whole_step_graphs_recapture_and_store_every_token(mode, monkeypatch):
     assert len(captures) == 3 and captures[2][1] > captures[1][1], captures
 
 
+def test_timeline_splits_each_step_into_attention_and_segments():
+    """With runtime.timeline on, the segment path's steps are tiled on the GPU's clock: attention_gpu_s (from
+    each layer's q to the next segment) plus segments_gpu_s (the model's work) fill the span between events
+    recorded around the steps, up to the host work before the first segment; with it off, neither is kept.
+    Whole-step graphs record none."""
+    if not cuda_kernels_available():
+        pytest.skip("needs a GPU and Fluxion's CUDA kernels")
+    from fluxion.graphs import SegmentGraphs
+
+    m = tiny_model("llama").to("cuda", torch.bfloat16)
+    ids, nxt = tokens(2, 700, seed=8).cuda(), tokens(2, 12, seed=9).cuda()
+    with torch.no_grad(), fluxion.enabled(m, FluxionConfig(mode="full")):
+        cache = fluxion.new_cache(m)
+        rt = cache.runtime
+        m(input_ids=ids, past_key_values=cache, use_cache=True)
+        for whole, timeline in ((False, False), (False, True), (True, True)):
+            graphs = SegmentGraphs(m, rt, batch=2, whole_steps=whole)
+            rt.timeline = timeline
+            rt.reset_stats()
+            outer = 0.0
+            for t in range(nxt.shape[1]):
+                pos = torch.full((2, 1), rt.positions[0], dtype=torch.long, device="cuda")
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                graphs.step(nxt[:, t:t + 1], pos)
+                b.record()
+                b.synchronize()
+                outer += a.elapsed_time(b) / 1e3
+            st = rt.stats()
+            if not timeline or whole:
+                assert "attention_gpu_s" not in st and "segments_gpu_s" not in st, st
+                continue
+            attention, segments = st["attention_gpu_s"], st["segments_gpu_s"]
+            assert attention > 0 and segments > 0
+            assert attention + segments <= outer * 1.001 + 1e-5, (attention, segments, outer)
+            assert attention + segments >= 0.5 * outer, (attention, segments, outer)
+            assert st["per_step"]["attention_gpu_s"] == pytest.approx(attention / nxt.shape[1])
+
+
 def _generate(m, ids, mask, graphs: bool, new_tokens=12):
     fluxion.enable(m, FluxionConfig(mode="full", cuda_graphs=graphs))
     try:
