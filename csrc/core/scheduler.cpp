@@ -121,11 +121,65 @@ void SharingChoice::record(bool shared, int64_t bytes, double seconds) {
   rate = exploring_ || rate <= 0 ? std::max(rate, sample) : 0.7 * rate + 0.3 * sample;
 }
 
+// The GPU side of a run: its running batches and accounting. On the heap, shared with the control thread's job,
+// since with a QueueTail that job still waits for the batches after run_task_queue returned.
+struct GpuSide {
+  std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
+  int64_t running_volume = 0;
+  double busy_since = 0, busy_s = 0, done_at = 0;
+  // When the GPU's batches could start at the earliest (from the prelude): busy intervals count from there.
+  std::atomic<double> ready_at{0.0};
+  // Set once the side launches no more batches and the control job has run; launch_error is final then.
+  std::atomic<bool> launched{false};
+  std::exception_ptr launch_error, wait_error;  // wait_error: read only after the job ended
+
+  // Busy time is the union of the batches' [launch, finished] intervals.
+  void wait_oldest() {
+    const GpuWaitFn wait = std::move(running.front().first);  // off the list first: a failed wait is not retried
+    running_volume -= running.front().second;
+    running.pop_front();
+    if (wait) wait();
+    if (running.empty()) {
+      done_at = steady_seconds();
+      busy_s += done_at - std::max(busy_since, ready_at.load(std::memory_order_acquire));
+    }
+  }
+  // Waits for every launched batch; the first error is kept, the rest still waited for (their outputs are written
+  // into buffers the caller may free).
+  void wait_all() {
+    while (!running.empty()) {
+      try {
+        wait_oldest();
+      } catch (...) {
+        if (!wait_error) wait_error = std::current_exception();
+      }
+    }
+  }
+  static void hand_over(QueueTail* tail, ControlThread* control, std::shared_ptr<GpuSide> side) {
+    tail->control_ = control;
+    tail->side_ = std::move(side);
+  }
+};
+
+void QueueTail::finish(QueueRunStats* stats) {
+  if (!side_) return;
+  const std::shared_ptr<GpuSide> side = std::move(side_);
+  side_.reset();
+  control_->wait();
+  control_ = nullptr;
+  if (stats) {
+    stats->gpu_busy_s += side->busy_s;
+    stats->gpu_done_at = side->done_at;
+  }
+  if (side->wait_error) std::rethrow_exception(side->wait_error);
+}
+
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
                     const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job,
-                    const std::function<double()>& cpu_prelude) {
+                    const std::function<double()>& cpu_prelude, QueueTail* tail) {
   if (!cpu_fn && !gpu_fn) throw std::invalid_argument("run_task_queue needs a CPU or a GPU consumer");
   if (gpu_fn && !control) throw std::invalid_argument("run_task_queue: a GPU consumer needs a control thread");
+  if (tail && tail->pending()) throw std::logic_error("run_task_queue: the previous run's tail is not finished");
   const double t0 = now_s();
   const bool shared = cpu_fn && gpu_fn;
   const double cpu_share = std::min(std::max(split.cpu_share, 0.0), 1.0);
@@ -136,7 +190,6 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
     return queue.pop_share(split.share_divisor);
   };
   QueueRunStats st;
-  std::exception_ptr gpu_error;
   // In a shared queue the CPU side starts pulling only once the GPU side has made its first pull: the GPU then
   // always gets its first share (a CPU side that drains a small queue before the control thread runs would
   // leave it nothing), while the launch itself still runs on the control thread, alongside the CPU's work.
@@ -144,8 +197,6 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
   // Likewise the GPU side pulls ahead of its running batches only once the CPU side has made its first pull, so
   // both first pulls are the shares they were sized as.
   std::atomic<bool> cpu_first_pulled{!shared};
-  // When the GPU's batches could start at the earliest (from the prelude): busy intervals count from there.
-  std::atomic<double> gpu_ready_at{0.0};
   std::atomic<bool> prelude_failed{false};  // the GPU side stops pulling
   bool job_done = !control_job;
   auto run_job = [&] {
@@ -153,24 +204,18 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
     job_done = true;
     control_job();
   };
-  auto gpu_loop = [&] {
-    // Up to gpu_in_flight batches run at once; busy time is the union of their [launch, finished] intervals.
-    std::deque<std::pair<GpuWaitFn, int64_t>> running;  // waiter, volume
-    int64_t running_volume = 0;
-    double busy_since = 0;
-    auto wait_oldest = [&] {
-      if (running.front().first) running.front().first();
-      running_volume -= running.front().second;
-      running.pop_front();
-      if (running.empty())
-        st.gpu_busy_s += now_s() - std::max(busy_since, gpu_ready_at.load(std::memory_order_acquire));
-    };
+  const auto side = std::make_shared<GpuSide>();
+  // Up to gpu_in_flight batches run at once. Once side->launched is set the caller may have returned (with a
+  // tail): from there on the job touches nothing but `side`.
+  auto gpu_loop = [&, side] {
     try {
-      while (st.gpu_batches < split.max_gpu_batches && !prelude_failed.load(std::memory_order_acquire)) {
-        if (!running.empty() && (int(running.size()) >= std::max(split.gpu_in_flight, 1) ||
-                                 !cpu_first_pulled.load(std::memory_order_acquire) ||
-                                 queue.remaining_volume() <= running_volume)) {
-          wait_oldest();
+      // A drained queue ends the launches at once (not after a wait for a running batch): a tail starts there.
+      while (st.gpu_batches < split.max_gpu_batches && !prelude_failed.load(std::memory_order_acquire) &&
+             !queue.drained()) {
+        if (!side->running.empty() && (int(side->running.size()) >= std::max(split.gpu_in_flight, 1) ||
+                                       !cpu_first_pulled.load(std::memory_order_acquire) ||
+                                       queue.remaining_volume() <= side->running_volume)) {
+          side->wait_oldest();
           continue;
         }
         const auto [b, e] = pull(st.gpu_batches == 0, 1.0 - cpu_share);
@@ -178,22 +223,18 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
         if (b >= e) break;
         int64_t volume = 0;
         for (int64_t i = b; i < e; ++i) volume += queue[size_t(i)].volume;
-        if (running.empty()) busy_since = now_s();
-        running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
-        running_volume += volume;
+        if (side->running.empty()) side->busy_since = now_s();
+        side->running.emplace_back(gpu_fn(b, e, int(st.gpu_batches++)), volume);
+        side->running_volume += volume;
         st.gpu_tasks += e - b;
         run_job();  // while the first batch runs
       }
-      run_job();
-      while (!running.empty()) wait_oldest();
     } catch (...) {
-      gpu_error = std::current_exception();
-      run_job();
-      try {  // launched batches still write their outputs: let them finish before the step's buffers go
-        while (!running.empty()) wait_oldest();
-      } catch (...) {
-      }
+      side->launch_error = std::current_exception();
     }
+    run_job();
+    side->launched.store(true, std::memory_order_release);
+    side->wait_all();
   };
   if (gpu_fn) {
     control->start(gpu_loop);
@@ -217,7 +258,7 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
       cpu_error = std::current_exception();
       prelude_failed.store(true, std::memory_order_release);
     }
-    gpu_ready_at.store(ready, std::memory_order_release);
+    side->ready_at.store(ready, std::memory_order_release);
   }
   if (cpu_fn && !cpu_error) {
     while (!gpu_first_pulled.load(std::memory_order_acquire)) std::this_thread::yield();
@@ -232,7 +273,24 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
       cpu_error = std::current_exception();
     }
   }
-  if (gpu_fn || (control_job && control)) control->wait();
+  // With a tail, the GPU side's batches are left running once it has launched its last one (and nothing failed).
+  bool deferred = false;
+  if (gpu_fn) {
+    if (tail && !cpu_error) {
+      while (!side->launched.load(std::memory_order_acquire)) std::this_thread::yield();
+      deferred = !side->launch_error;
+    }
+    if (deferred) GpuSide::hand_over(tail, control, side);
+    else control->wait();
+  } else if (control_job && control) {
+    control->wait();
+  }
+  std::exception_ptr gpu_error = side->launch_error;
+  if (!deferred) {
+    if (!gpu_error) gpu_error = side->wait_error;
+    st.gpu_busy_s = side->busy_s;
+    st.gpu_done_at = side->done_at;
+  }
   // The GPU stopped after max_gpu_batches pulls: what is left runs where it can.
   if (!cpu_error && !gpu_error) {
     const auto [b, e] = queue.pop_batch(queue.total_volume() + 1);
@@ -243,7 +301,8 @@ void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn
         } else {
           const double t = now_s();
           if (GpuWaitFn wait = gpu_fn(b, e, int(st.gpu_batches++))) wait();
-          st.gpu_busy_s += now_s() - t;
+          st.gpu_done_at = now_s();
+          st.gpu_busy_s += st.gpu_done_at - t;
           st.gpu_tasks += e - b;
         }
       } catch (...) {

@@ -9,6 +9,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
 #include <utility>
@@ -38,6 +39,8 @@ class TaskQueue {
     const int64_t i = std::min<int64_t>(next_.load(std::memory_order_relaxed), int64_t(tasks_.size()));
     return suffix_.empty() ? 0 : suffix_[size_t(i)];
   }
+  // Whether every task has been pulled.
+  bool drained() const { return next_.load(std::memory_order_relaxed) >= int64_t(tasks_.size()); }
   // Next task index, or -1 when the queue is empty.
   int64_t pop();
   // Consecutive tasks [begin, end) whose volume adds up to at most max_volume (always at least one task
@@ -61,9 +64,10 @@ class TaskQueue {
 };
 
 struct QueueRunStats {
-  double wall_s = 0;      // whole run
+  double wall_s = 0;      // whole run (until run_task_queue returned)
   double cpu_busy_s = 0;  // CPU side: time spent running its batches (on all its threads)
   double gpu_busy_s = 0;  // control thread: from launch to completion of its batches
+  double gpu_done_at = 0;  // steady_seconds() when the GPU side's last batch finished (0: it ran none)
   int64_t cpu_tasks = 0, gpu_tasks = 0, cpu_batches = 0, gpu_batches = 0;
 };
 
@@ -137,6 +141,22 @@ class SharingChoice {
   bool exploring_ = false;  // the last next() was an exploring step
 };
 
+struct GpuSide;  // scheduler.cpp: the GPU side of a run, shared with the control thread's job
+
+// The end of a run that returned while its GPU batches were still running (run_task_queue's `tail`): the control
+// thread goes on waiting for them. finish() waits for that, adds the GPU side's busy time and gpu_done_at to the
+// run's stats and rethrows an error of that wait; it must run before `control` takes another job.
+class QueueTail {
+ public:
+  bool pending() const { return side_ != nullptr; }
+  void finish(QueueRunStats* stats);
+
+ private:
+  friend struct GpuSide;
+  ControlThread* control_ = nullptr;
+  std::shared_ptr<GpuSide> side_;
+};
+
 // Runs the queue to exhaustion. cpu_fn runs a batch of tasks on the calling thread (it may use every CPU
 // thread); gpu_fn launches a batch from `control` (up to split.gpu_in_flight at once; a new pull happens when
 // fewer are running). With both sides, the GPU side pulls first (the CPU side waits for that pull, not for the
@@ -152,8 +172,13 @@ class SharingChoice {
 // the earliest (the moment q was there); the GPU side's busy time counts from then, so its measured rate is not
 // charged for the wait. If it throws, the GPU side stops pulling, launched batches finish, and the error is
 // rethrown.
+// tail: where given, the run returns as soon as the CPU side is done and the GPU side has launched its last batch
+// (and run control_job), leaving the wait for its batches on `control` (GPU work enqueued after them, such as
+// the decode step's merge, runs in stream order): *tail then holds that wait, and the stats lack the GPU side's
+// busy time until tail->finish(). The waiters that gpu_fn returns then run after the run returned: they must
+// not refer to the caller's locals. A run that fails, or has no GPU side, returns complete (tail empty).
 void run_task_queue(TaskQueue& queue, const CpuBatchFn& cpu_fn, const GpuBatchFn& gpu_fn, ControlThread* control,
                     const QueueSplit& split, QueueRunStats* stats, const std::function<void()>& control_job = {},
-                    const std::function<double()>& cpu_prelude = {});
+                    const std::function<double()>& cpu_prelude = {}, QueueTail* tail = nullptr);
 
 }  // namespace fluxion::core

@@ -287,6 +287,7 @@ HybridRuntime::HybridRuntime(c10::intrusive_ptr<StoreHolder> s, int64_t hq, cons
 }
 
 void HybridRuntime::set_sequences(const std::vector<int64_t>& ids) {
+  finish_shared_step();
   store->check_seqs(ids);
   seq_ids = ids;
   const auto& cfg = store->store->config();
@@ -555,7 +556,12 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   //     ends `local` tokens before it, at every granularity): the write runs beside the retrieval, and the GPU's
   //     first batch is enqueued before the host's wait (it reads q on the device), so it starts as soon as the
   //     window's kernels are done.
+  // The last shared step's GPU batches ended long before this step's q (the model's work between ran behind
+  // them): finishing it here, after this step's window launches, costs no wait. Its rates set this step's split, and
+  // its waiters are done with the buffers reused below.
+  finish_shared_step();
   t = Clock::now();
+  const double queue_start_s = core::steady_seconds();
   // On a GPU the control thread has a core of its own and idles while its first batch runs (or, in `fixed` mode,
   // throughout): the write goes there, and run_task_queue returns only after it.
   const bool write_beside = on_gpu && local >= core::kGranularities[core::kNumGranularities - 1];
@@ -646,7 +652,6 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   };
   std::vector<at::Tensor> gpu_out, gpu_lse;
   std::vector<uint64_t> gpu_row_blocks;  // per GPU batch, the row blocks it wrote
-  int64_t gpu_bytes_step = 0;
   core::GpuBatchFn gpu_fn;
 #ifdef FLUXION_WITH_CUDA
   if (use_gpu && queue.size() > 0) {
@@ -674,49 +679,38 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
       C10_CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
       C10_CUDA_CHECK(cudaEventRecord(done, main_stream.stream()));
       // The wait polls the event, yielding between polls: the control thread has a core of its own (the CPU
-      // side uses cpu_workers of them), and a sleep would add its timer slack (~50 us) to every batch.
-      return [done, slot, n = R * Hkv, &gpu_bytes_step] {
+      // side uses cpu_workers of them), and a sleep would add its timer slack (~50 us) to every batch. It may run
+      // after the step returned (see step()), so it refers to no local of the step.
+      return [done, slot, n = R * Hkv, total = &shared_end_.gpu_bytes] {
         cudaError_t state;
         while ((state = cudaEventQuery(done)) == cudaErrorNotReady) std::this_thread::yield();
         C10_CUDA_CHECK(cudaEventDestroy(done));
         C10_CUDA_CHECK(state);
-        for (int64_t i = 0; i < n; ++i) gpu_bytes_step += slot[i];
+        for (int64_t i = 0; i < n; ++i) *total += slot[i];
       };
     };
   }
 #endif
-  core::QueueRunStats qs;
   core::QueueSplit split;
   split.max_gpu_batches = int(max_gpu_batches);
   if (cpu_rate > 0 && gpu_rate > 0) split.cpu_share = cpu_rate / (cpu_rate + gpu_rate);
+  SharedStepEnd& end = shared_end_;
   core::run_task_queue(queue, (cpu_retrieval || !gpu_fn) ? cpu_fn : core::CpuBatchFn{}, gpu_fn, control.get(), split,
-                       &qs, write_token, gpu_first ? std::function<double()>(wait_for_q) : std::function<double()>{});
+                       &end.qs, write_token, gpu_first ? std::function<double()>(wait_for_q) : std::function<double()>{},
+                       &end.tail);
+  end.cpu_end_s = core::steady_seconds();
   if (write_error) std::rethrow_exception(write_error);
   model_wait_s += wait_s;
-  const double shared_s = std::max(0.0, since(t) - (gpu_first ? wait_s : 0.0));
-  retrieval_s += shared_s;
-  shared_retrieval_s += shared_s;
-  // Throughputs for the next step's split (exponential average over steps; only steps where a side ran).
-  int64_t cpu_bytes_step = 0;
-  for (int64_t x : bytes_cpu) cpu_bytes_step += x;
-  auto update_rate = [](double& rate, int64_t bytes, double busy) {
-    if (busy <= 0 || bytes <= 0) return;
-    rate = rate > 0 ? 0.7 * rate + 0.3 * (double(bytes) / busy) : double(bytes) / busy;
-  };
-  if (gpu_fn) {
-    update_rate(cpu_rate, cpu_bytes_step, qs.cpu_busy_s);
-    update_rate(gpu_rate, gpu_bytes_step, qs.gpu_busy_s);
-  }
-  if (adaptive) {
-    sharing_choice[size_t(layer)].record(use_gpu, cpu_bytes_step + gpu_bytes_step, shared_s);
-    cpu_alone_steps += !use_gpu;
-  }
-  cpu_busy_s += qs.cpu_busy_s;
-  gpu_busy_s += qs.gpu_busy_s;
-  cpu_tasks += qs.cpu_tasks;
-  gpu_tasks += qs.gpu_tasks;
-  cpu_bytes += cpu_bytes_step;
-  gpu_bytes += gpu_bytes_step;
+  end.layer = layer;
+  end.cpu_bytes = 0;
+  for (int64_t x : bytes_cpu) end.cpu_bytes += x;
+  end.gpu_side = bool(gpu_fn);
+  end.adaptive = adaptive;
+  end.shared = use_gpu;
+  end.start_s = queue_start_s;
+  end.wait_s = gpu_first ? wait_s : 0.0;
+  end.open = true;
+  if (!end.tail.pending()) finish_shared_step();  // nothing left running: account for it now
 
   // 4. Merge: window, CPU part, GPU batches (parts have lse = -inf where they did not run). An output of R rows
   // is one part per block of B rows that a task wrote (part rows land on their batch row).
@@ -732,6 +726,54 @@ at::Tensor HybridRuntime::step(int64_t layer, const std::vector<int64_t>& ids, a
   for (size_t i = 0; i < gpu_out.size(); ++i)
     if (gpu_out[i].defined()) add_row_blocks(gpu_out[i], gpu_lse[i], 0, 0, gpu_row_blocks[i]);
   return merge_parts(parts, B, out, t, t_step);
+}
+
+void HybridRuntime::finish_shared_step() {
+  SharedStepEnd& end = shared_end_;
+  const bool open = end.open;
+  end.open = false;
+  try {
+    end.tail.finish(&end.qs);
+  } catch (...) {
+    end.gpu_bytes = 0;
+    throw;
+  }
+  if (!open) {
+    end.gpu_bytes = 0;
+    return;
+  }
+  // The retrieval ran until the later side was done (the GPU's batches may have finished after the step returned).
+  const double shared_s = std::max(0.0, std::max(end.cpu_end_s, end.qs.gpu_done_at) - end.start_s - end.wait_s);
+  retrieval_s += shared_s;
+  shared_retrieval_s += shared_s;
+  // Throughputs for the next step's split (exponential average over steps; only steps where a side ran).
+  auto update_rate = [](double& rate, int64_t bytes, double busy) {
+    if (busy <= 0 || bytes <= 0) return;
+    rate = rate > 0 ? 0.7 * rate + 0.3 * (double(bytes) / busy) : double(bytes) / busy;
+  };
+  if (end.gpu_side) {
+    update_rate(cpu_rate, end.cpu_bytes, end.qs.cpu_busy_s);
+    update_rate(gpu_rate, end.gpu_bytes, end.qs.gpu_busy_s);
+  }
+  if (end.adaptive) {
+    if (size_t(end.layer) < sharing_choice.size())
+      sharing_choice[size_t(end.layer)].record(end.shared, end.cpu_bytes + end.gpu_bytes, shared_s);
+    cpu_alone_steps += !end.shared;
+  }
+  cpu_busy_s += end.qs.cpu_busy_s;
+  gpu_busy_s += end.qs.gpu_busy_s;
+  cpu_tasks += end.qs.cpu_tasks;
+  gpu_tasks += end.qs.gpu_tasks;
+  cpu_bytes += end.cpu_bytes;
+  gpu_bytes += end.gpu_bytes;
+  end.gpu_bytes = 0;
+}
+
+HybridRuntime::~HybridRuntime() {
+  try {  // the control thread may still wait for the last step's batches, whose waiters write shared_end_
+    shared_end_.tail.finish(nullptr);
+  } catch (...) {
+  }
 }
 
 std::vector<core::QueueTask> HybridRuntime::plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
@@ -1003,7 +1045,8 @@ void HybridRuntime::graph_end() {
 #endif
 }
 
-c10::Dict<std::string, double> HybridRuntime::stats() const {
+c10::Dict<std::string, double> HybridRuntime::stats() {
+  finish_shared_step();
   c10::Dict<std::string, double> d;
   d.insert("steps", double(steps));
   d.insert("append_s", append_s);
@@ -1034,6 +1077,7 @@ c10::Dict<std::string, double> HybridRuntime::stats() const {
 }
 
 void HybridRuntime::reset_stats() {
+  finish_shared_step();
   steps = cpu_tasks = gpu_tasks = cpu_bytes = gpu_bytes = gpu_alone_steps = cpu_alone_steps = 0;
   gpu_bytes_pending = at::Tensor();
   graph_steps_ = 0;
@@ -1067,6 +1111,7 @@ void register_hybrid_runtime(torch::Library& m) {
       .def("set_adaptive_sharing",
            [](const c10::intrusive_ptr<HybridRuntime>& self, bool on) {
              // A new policy starts its measurements afresh.
+             self->finish_shared_step();
              self->adaptive_sharing = on;
              self->sharing_choice.clear();
            })

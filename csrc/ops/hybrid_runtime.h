@@ -68,6 +68,7 @@ struct HybridRuntime : torch::CustomClassHolder {
 
   HybridRuntime(c10::intrusive_ptr<StoreHolder> store, int64_t num_q_heads, const std::string& device, int64_t sink,
                 int64_t local, int64_t cpu_workers);
+  ~HybridRuntime() override;
   // Batch rows of the next calls (store sequence ids); windows are (re)allocated, filled from the store.
   void set_sequences(const std::vector<int64_t>& ids);
   // Appends a prefill chunk: k, v [B, Hkv, T, D] (any device), valid [B, T] bool or None.
@@ -81,12 +82,19 @@ struct HybridRuntime : torch::CustomClassHolder {
   // of this layer, updated in place): the form the Python runtime (fluxion/runtime.py) calls. With `out`
   // ([B, Hq, D] on `device`, contiguous, float32 / bfloat16 / float16) the result is written there (in its dtype)
   // and `out` is returned.
+  // A step that shares its queue with the GPU returns once its CPU side is done and the GPU side has launched its
+  // last batch: the merge is enqueued behind those batches, so the GPU goes on to it (and to the model's next
+  // work) without waiting for the host. The control thread waits for the batches meanwhile; that wait and the
+  // step's accounting end in the next shared step, stats(), reset_stats() or set_sequences(), which also rethrow
+  // an error of those batches.
   at::Tensor step(int64_t layer, const std::vector<int64_t>& ids, at::Tensor& k_win, at::Tensor& v_win,
                   const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& budgets,
                   const at::Tensor& block_sizes, bool use_gpu, double scale,
                   const c10::optional<at::Tensor>& out = c10::nullopt);
-  c10::Dict<std::string, double> stats() const;
+  c10::Dict<std::string, double> stats();
   void reset_stats();
+  // Waits for the last shared step's GPU batches (rethrowing their error) and does its accounting (see step()).
+  void finish_shared_step();
 
   // ---- The whole decode step as one CUDA graph (fluxion/graphs.py), for steps that run on the GPU alone.
   // Per step: graph_begin() on the host (flushes the previous step's tokens into the store, reserves this
@@ -112,6 +120,18 @@ struct HybridRuntime : torch::CustomClassHolder {
   // largest data volume first.
   std::vector<core::QueueTask> plan_tasks(const std::vector<int32_t>& lens_before, const float* budgets,
                                           const int32_t* block_sizes) const;
+  // The last shared step's end, kept until finish_shared_step(): its queue's tail (the GPU batches still being
+  // waited for) and what its accounting needs.
+  struct SharedStepEnd {
+    core::QueueTail tail;
+    core::QueueRunStats qs;
+    int64_t layer = 0, cpu_bytes = 0;
+    int64_t gpu_bytes = 0;  // summed by the GPU batches' waiters, on the control thread
+    bool open = false;      // accounting still to do
+    bool gpu_side = false, adaptive = false, shared = false;
+    double start_s = 0, cpu_end_s = 0, wait_s = 0;  // core::steady_seconds(); the wait for q inside the queue's time
+  } shared_end_;
+
   // Parts to split the dense groups of a step with these tasks into (0: none); `shared`: both sides pull.
   int64_t split_parts(const std::vector<core::QueueTask>& tasks, const std::vector<int32_t>& lens_before,
                       const float* budgets, bool shared) const;

@@ -452,3 +452,123 @@ TEST_CASE("adaptive sharing follows a change in load through its probes", "[sche
   d.record(true, 100, 0.0);
   REQUIRE(d.shared_rate() == 0.0);
 }
+
+TEST_CASE("with a tail the run returns once the GPU side has launched, and finish() waits for its batches", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  core::ControlThread control;
+  core::QueueSplit split;
+  split.cpu_share = 0.5;
+  for (int rep = 0; rep < 20; ++rep) {
+    core::TaskQueue q(tasks);
+    std::mutex mu;
+    std::set<int64_t> seen;
+    auto take = [&](int64_t b, int64_t e) {
+      std::lock_guard<std::mutex> lock(mu);
+      for (int64_t i = b; i < e; ++i) REQUIRE(seen.insert(i).second);
+    };
+    // The GPU's batches run until released, after the run has returned; the waiters own what they touch.
+    auto release = std::make_shared<std::atomic<bool>>(false);
+    auto finished = std::make_shared<std::atomic<int>>(0);
+    std::atomic<int> launched{0};
+    std::atomic<bool> cpu_started{false};
+    bool job_ran = false;
+    core::QueueRunStats stats;
+    core::QueueTail tail;
+    core::run_task_queue(
+        q,
+        [&](int64_t b, int64_t e) {
+          cpu_started = true;
+          take(b, e);
+        },
+        [&](int64_t b, int64_t e, int batch) {
+          // The first launch returns once the CPU side has pulled: the GPU side cannot be waiting for its batch
+          // (which here only finishes after the run) before the CPU side has drained the queue.
+          while (batch == 0 && !cpu_started) std::this_thread::yield();
+          take(b, e);
+          ++launched;
+          return core::GpuWaitFn([release, finished] {
+            while (!*release) std::this_thread::yield();
+            ++*finished;
+          });
+        },
+        &control, split, &stats, [&] { job_ran = true; }, {}, &tail);
+    REQUIRE(tail.pending());
+    REQUIRE(job_ran);
+    REQUIRE(seen.size() == tasks.size());
+    REQUIRE(*finished == 0);
+    REQUIRE(stats.gpu_busy_s == 0);
+    REQUIRE(stats.cpu_tasks + stats.gpu_tasks == int64_t(tasks.size()));
+    // Another run may not start before the tail is finished.
+    core::TaskQueue q2(tasks);
+    REQUIRE_THROWS_AS(core::run_task_queue(q2, take, core::GpuBatchFn{}, &control, split, nullptr, {}, {}, &tail),
+                      std::logic_error);
+    std::thread releaser([release] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(3));
+      *release = true;
+    });
+    const double before = core::steady_seconds();
+    tail.finish(&stats);
+    releaser.join();
+    REQUIRE_FALSE(tail.pending());
+    REQUIRE(*finished == launched.load());
+    REQUIRE(stats.gpu_busy_s > 0.002);
+    REQUIRE(stats.gpu_done_at > before + 0.002);
+    tail.finish(&stats);  // nothing pending: a no-op
+  }
+}
+
+TEST_CASE("a tail's wait error reaches finish() and a launch error the run itself", "[scheduler]") {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  core::ControlThread control;
+  core::QueueSplit split;
+  split.cpu_share = 0.5;
+  for (int rep = 0; rep < 20; ++rep) {
+    {
+      core::TaskQueue q(tasks);
+      core::QueueTail tail;
+      auto release = std::make_shared<std::atomic<bool>>(false);
+      std::atomic<bool> cpu_started{false};
+      core::run_task_queue(
+          q, [&](int64_t, int64_t) { cpu_started = true; },
+          [&](int64_t, int64_t, int) {
+            while (!cpu_started) std::this_thread::yield();  // as above: no wait before the queue drained
+            return core::GpuWaitFn([release] {
+              while (!*release) std::this_thread::yield();
+              throw std::runtime_error("batch failed");
+            });
+          },
+          &control, split, nullptr, {}, {}, &tail);
+      REQUIRE(tail.pending());
+      *release = true;
+      REQUIRE_THROWS_AS(tail.finish(nullptr), std::runtime_error);
+      REQUIRE_FALSE(tail.pending());
+    }
+    {
+      // 24 tasks, the GPU's first pull one of them: it pulls again while the CPU side works, and that launch fails.
+      std::vector<core::QueueTask> many;
+      for (int g = 0; g < 24; ++g) many.push_back({g, 100});
+      core::TaskQueue q(many);
+      core::QueueSplit uneven;
+      uneven.cpu_share = 0.9;
+      uneven.first_pull = 0.5;
+      core::QueueTail tail;
+      std::atomic<int> running{0};
+      REQUIRE_THROWS_AS(core::run_task_queue(
+                            q, [](int64_t, int64_t) { std::this_thread::sleep_for(std::chrono::milliseconds(1)); },
+                            [&](int64_t, int64_t, int batch) {
+                              if (batch > 0) throw std::runtime_error("launch failed");
+                              ++running;
+                              return core::GpuWaitFn([&] {
+                                std::this_thread::sleep_for(std::chrono::microseconds(200));
+                                --running;
+                              });
+                            },
+                            &control, uneven, nullptr, {}, {}, &tail),
+                        std::runtime_error);
+      REQUIRE_FALSE(tail.pending());
+      REQUIRE(running == 0);  // launched batches were waited for before the error came out
+    }
+  }
+}
