@@ -580,7 +580,9 @@ class HybridAttentionRuntime:
         from host memory), both from the ops' bytes_read; tasks_cpu / tasks_gpu (retrieval groups run on
         each device); per_step: the same per decode step; store: the host store's memory accounting.
         With decode_backend='cpp' (the default) retrieval_cpu_s / retrieval_gpu_s give way to the C++ step's
-        retrieval_s (host time of the retrieval phase), cpu_busy_s (the CPU side's batches, wall time; split
+        retrieval_s (the retrieval phase, until the later side was done: a step that shares the queue with the GPU
+        returns once the GPU has its last batch, with the merge enqueued behind it, so step_s leaves out the end of
+        the GPU's batches and retrieval_s and gpu_busy_s count it), cpu_busy_s (the CPU side's batches, wall time; split
         at the moments the last item of a phase ended, since a task's next phase starts as soon as its own
         previous one is done: cpu_select_s = until the last union (scoring + top-k + union), of which cpu_score_s
         until the last score chunk and cpu_topk_s from then until the last top-k; cpu_attend_s = the attention and
