@@ -14,6 +14,13 @@
 using namespace fluxion;
 
 namespace {
+// n tasks of 100 bytes each (groups 0 .. n - 1).
+std::vector<core::QueueTask> equal_tasks(int n) {
+  std::vector<core::QueueTask> tasks;
+  for (int g = 0; g < n; ++g) tasks.push_back({g, 100});
+  return tasks;
+}
+
 // Each side's pull sizes over one run of the queue. A GPU batch "runs" until the CPU side has pulled once, as a
 // real one would, so the GPU cannot drain the queue before the CPU's first pull.
 std::pair<std::vector<int64_t>, std::vector<int64_t>> pull_sizes(core::TaskQueue& q, const core::QueueSplit& split,
@@ -57,8 +64,7 @@ TEST_CASE("queue orders by volume and pops every task once", "[scheduler]") {
 }
 
 TEST_CASE("a pull near a target takes the whole tasks nearest to it", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::TaskQueue q(tasks);
   auto [b, e] = q.pop_near(264);  // 2.64 tasks: 3 (a floor would take 2)
   REQUIRE(b == 0);
@@ -75,8 +81,7 @@ TEST_CASE("a pull near a target takes the whole tasks nearest to it", "[schedule
 }
 
 TEST_CASE("guided shares shrink as the queue drains", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 12; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(12);
   core::TaskQueue q(tasks);
   auto [b, e] = q.pop_share(3);  // a third of 1200
   REQUIRE(b == 0);
@@ -88,8 +93,7 @@ TEST_CASE("guided shares shrink as the queue drains", "[scheduler]") {
 }
 
 TEST_CASE("first pulls take the expected shares, later ones guided shares", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 20; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(20);
   core::TaskQueue q(tasks);
   core::QueueSplit split;
   split.cpu_share = 0.75;  // the CPU is three times as fast: its first pull is 0.8 x 75% of the volume
@@ -134,8 +138,7 @@ TEST_CASE("the CPU side and the GPU control thread share the queue without loss 
 TEST_CASE("in a shared queue the GPU side pulls its first share before the CPU side pulls", "[scheduler]") {
   // A CPU side that drains the queue at once must still leave the GPU its first pull, however late the control
   // thread runs.
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
   for (int rep = 0; rep < 20; ++rep) {
     core::TaskQueue q(tasks);
@@ -158,8 +161,7 @@ TEST_CASE("in a shared queue the GPU side pulls its first share before the CPU s
 TEST_CASE("a side's first pull rounds its expected share to the nearest whole task", "[scheduler]") {
   // 8 equal tasks and a CPU twice as fast: the GPU's share is 2.64 tasks, so it takes 3 in its first batch
   // and the CPU the other 5, rather than 2 and 5 with the last one left to whoever is free first.
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
   core::QueueSplit split;
   split.cpu_share = 0.67;
@@ -218,8 +220,7 @@ TEST_CASE("without a GPU callback every task runs on the CPU and errors propagat
 }
 
 TEST_CASE("the GPU side pulls ahead of a running batch only while the queue holds more than it runs", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 24; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(24);
   core::TaskQueue q(tasks);
   core::ControlThread control;
   core::QueueSplit split;
@@ -281,8 +282,7 @@ std::vector<bool> drive(core::SharingChoice& c, int steps, SharedRate shared, Al
 }
 
 TEST_CASE("the control job runs once, after the GPU side's first launch or beside a CPU-only run", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
   const auto caller = std::this_thread::get_id();
   for (int rep = 0; rep < 20; ++rep) {
@@ -348,8 +348,7 @@ TEST_CASE("the control job runs once, after the GPU side's first launch or besid
 }
 
 TEST_CASE("the CPU prelude runs while the GPU's first batch is out, and a failing one stops the run", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
   core::QueueSplit split;
   split.cpu_share = 0.5;
@@ -454,8 +453,7 @@ TEST_CASE("adaptive sharing follows a change in load through its probes", "[sche
 }
 
 TEST_CASE("with a tail the run returns once the GPU side has launched, and finish() waits for its batches", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
   core::QueueSplit split;
   split.cpu_share = 0.5;
@@ -519,8 +517,7 @@ TEST_CASE("with a tail the run returns once the GPU side has launched, and finis
 }
 
 TEST_CASE("a tail's wait error reaches finish() and a launch error the run itself", "[scheduler]") {
-  std::vector<core::QueueTask> tasks;
-  for (int g = 0; g < 8; ++g) tasks.push_back({g, 100});
+  const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
   core::QueueSplit split;
   split.cpu_share = 0.5;
@@ -547,9 +544,7 @@ TEST_CASE("a tail's wait error reaches finish() and a launch error the run itsel
     }
     {
       // 24 tasks, the GPU's first pull one of them: it pulls again while the CPU side works, and that launch fails.
-      std::vector<core::QueueTask> many;
-      for (int g = 0; g < 24; ++g) many.push_back({g, 100});
-      core::TaskQueue q(many);
+      core::TaskQueue q(equal_tasks(24));
       core::QueueSplit uneven;
       uneven.cpu_share = 0.9;
       uneven.first_pull = 0.5;
