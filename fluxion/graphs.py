@@ -199,7 +199,7 @@ class _TimelineMarks:
         ev = torch.cuda.Event(enable_timing=True)
         ev.record()
         if self.last is not None:
-            self.stats.events.append((self.running, self.last, ev))
+            self.stats.add_event(self.running, self.last, ev)
         self.last, self.running = ev, starts
 
     def segment_starts(self):
@@ -210,6 +210,4 @@ class _TimelineMarks:
 
     def close(self):
         self._record(None)
-        if len(self.stats.events) > 4096:  # bound the pending list, as _Timer does
-            self.stats.resolve()
 

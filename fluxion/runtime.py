@@ -142,6 +142,12 @@ class _Stats:
         self.tasks_gpu = 0
         self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
 
+    def add_event(self, key: str, start: torch.cuda.Event, end: torch.cuda.Event) -> None:
+        """A GPU interval for `key`, resolved lazily; the pending list stays bounded (old events are long done)."""
+        self.events.append((key, start, end))
+        if len(self.events) > 4096:
+            self.resolve()
+
     def resolve(self):
         for key, a, b in self.events:
             b.synchronize()
@@ -662,9 +668,7 @@ class _Timer:
         if self.gpu:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            st.events.append((self.key, self.ev, end))
-            if len(st.events) > 4096:  # bound the pending list; old events are long done
-                st.resolve()
+            st.add_event(self.key, self.ev, end)
         else:
             st.t[self.key] += time.perf_counter() - self.t0
         return False

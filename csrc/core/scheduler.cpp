@@ -163,8 +163,7 @@ struct GpuSide {
 
 void QueueTail::finish(QueueRunStats* stats) {
   if (!side_) return;
-  const std::shared_ptr<GpuSide> side = std::move(side_);
-  side_.reset();
+  const std::shared_ptr<GpuSide> side = std::move(side_);  // not pending any more, even if this throws
   control_->wait();
   control_ = nullptr;
   if (stats) {

@@ -13,6 +13,7 @@
 #include <optional>
 #include <string_view>
 #include <tuple>
+#include <utility>
 #include <thread>
 
 #include "core/cpu/retrieval.h"
@@ -738,10 +739,8 @@ void HybridRuntime::finish_shared_step() {
     end.gpu_bytes = 0;
     throw;
   }
-  if (!open) {
-    end.gpu_bytes = 0;
-    return;
-  }
+  const int64_t gpu_bytes_step = std::exchange(end.gpu_bytes, 0);  // the waiters are done: start the next step at 0
+  if (!open) return;
   // The retrieval ran until the later side was done (the GPU's batches may have finished after the step returned).
   const double shared_s = std::max(0.0, std::max(end.cpu_end_s, end.qs.gpu_done_at) - end.start_s - end.wait_s);
   retrieval_s += shared_s;
@@ -753,11 +752,11 @@ void HybridRuntime::finish_shared_step() {
   };
   if (end.gpu_side) {
     update_rate(cpu_rate, end.cpu_bytes, end.qs.cpu_busy_s);
-    update_rate(gpu_rate, end.gpu_bytes, end.qs.gpu_busy_s);
+    update_rate(gpu_rate, gpu_bytes_step, end.qs.gpu_busy_s);
   }
   if (end.adaptive) {
     if (size_t(end.layer) < sharing_choice.size())
-      sharing_choice[size_t(end.layer)].record(end.shared, end.cpu_bytes + end.gpu_bytes, shared_s);
+      sharing_choice[size_t(end.layer)].record(end.shared, end.cpu_bytes + gpu_bytes_step, shared_s);
     cpu_alone_steps += !end.shared;
   }
   cpu_busy_s += end.qs.cpu_busy_s;
@@ -765,8 +764,7 @@ void HybridRuntime::finish_shared_step() {
   cpu_tasks += end.qs.cpu_tasks;
   gpu_tasks += end.qs.gpu_tasks;
   cpu_bytes += end.cpu_bytes;
-  gpu_bytes += end.gpu_bytes;
-  end.gpu_bytes = 0;
+  gpu_bytes += gpu_bytes_step;
 }
 
 HybridRuntime::~HybridRuntime() {

@@ -21,6 +21,14 @@ std::vector<core::QueueTask> equal_tasks(int n) {
   return tasks;
 }
 
+// A split whose CPU side expects `cpu_share` of the volume, its first pulls `first_pull` of each side's share.
+core::QueueSplit split_at(double cpu_share, double first_pull = 1.0) {
+  core::QueueSplit split;
+  split.cpu_share = cpu_share;
+  split.first_pull = first_pull;
+  return split;
+}
+
 // Each side's pull sizes over one run of the queue. A GPU batch "runs" until the CPU side has pulled once, as a
 // real one would, so the GPU cannot drain the queue before the CPU's first pull.
 std::pair<std::vector<int64_t>, std::vector<int64_t>> pull_sizes(core::TaskQueue& q, const core::QueueSplit& split,
@@ -95,9 +103,8 @@ TEST_CASE("guided shares shrink as the queue drains", "[scheduler]") {
 TEST_CASE("first pulls take the expected shares, later ones guided shares", "[scheduler]") {
   const std::vector<core::QueueTask> tasks = equal_tasks(20);
   core::TaskQueue q(tasks);
-  core::QueueSplit split;
-  split.cpu_share = 0.75;  // the CPU is three times as fast: its first pull is 0.8 x 75% of the volume
-  split.first_pull = 0.8;
+  // The CPU is three times as fast: its first pull is 0.8 x 75% of the volume.
+  core::QueueSplit split = split_at(0.75, 0.8);
   split.gpu_in_flight = 1;
   core::ControlThread control;
   const auto [cpu_pulls, gpu_pulls] = pull_sizes(q, split, control);
@@ -163,8 +170,7 @@ TEST_CASE("a side's first pull rounds its expected share to the nearest whole ta
   // and the CPU the other 5, rather than 2 and 5 with the last one left to whoever is free first.
   const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
-  core::QueueSplit split;
-  split.cpu_share = 0.67;
+  const core::QueueSplit split = split_at(0.67);
   for (int rep = 0; rep < 10; ++rep) {
     core::TaskQueue q(tasks);
     const auto [cpu_pulls, gpu_pulls] = pull_sizes(q, split, control);
@@ -223,11 +229,9 @@ TEST_CASE("the GPU side pulls ahead of a running batch only while the queue hold
   const std::vector<core::QueueTask> tasks = equal_tasks(24);
   core::TaskQueue q(tasks);
   core::ControlThread control;
-  core::QueueSplit split;
   // First pulls of half the shares: the GPU's is one task (1.2) and the CPU's 11 (10.8), so the queue is long when
   // the GPU could pull again.
-  split.cpu_share = 0.9;
-  split.first_pull = 0.5;
+  const core::QueueSplit split = split_at(0.9, 0.5);
   std::mutex mu;
   int64_t running = 0, running_volume = 0, launches_ahead = 0;
   int max_running = 0;
@@ -292,8 +296,7 @@ TEST_CASE("the control job runs once, after the GPU side's first launch or besid
       std::atomic<int> jobs{0}, launches{0}, waited{0};
       std::atomic<int> launches_before_job{-1}, waits_before_job{-1};
       std::thread::id job_thread;
-      core::QueueSplit split;
-      split.cpu_share = 0.5;
+      const core::QueueSplit split = split_at(0.5);
       core::run_task_queue(
           q, [&](int64_t, int64_t) {},
           [&](int64_t, int64_t, int) {
@@ -350,8 +353,7 @@ TEST_CASE("the control job runs once, after the GPU side's first launch or besid
 TEST_CASE("the CPU prelude runs while the GPU's first batch is out, and a failing one stops the run", "[scheduler]") {
   const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
-  core::QueueSplit split;
-  split.cpu_share = 0.5;
+  const core::QueueSplit split = split_at(0.5);
   for (int rep = 0; rep < 20; ++rep) {
     // The GPU launches its first batch before the prelude returns; the CPU pulls only after the prelude.
     {
@@ -455,8 +457,7 @@ TEST_CASE("adaptive sharing follows a change in load through its probes", "[sche
 TEST_CASE("with a tail the run returns once the GPU side has launched, and finish() waits for its batches", "[scheduler]") {
   const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
-  core::QueueSplit split;
-  split.cpu_share = 0.5;
+  const core::QueueSplit split = split_at(0.5);
   for (int rep = 0; rep < 20; ++rep) {
     core::TaskQueue q(tasks);
     std::mutex mu;
@@ -519,8 +520,7 @@ TEST_CASE("with a tail the run returns once the GPU side has launched, and finis
 TEST_CASE("a tail's wait error reaches finish() and a launch error the run itself", "[scheduler]") {
   const std::vector<core::QueueTask> tasks = equal_tasks(8);
   core::ControlThread control;
-  core::QueueSplit split;
-  split.cpu_share = 0.5;
+  const core::QueueSplit split = split_at(0.5);
   for (int rep = 0; rep < 20; ++rep) {
     {
       core::TaskQueue q(tasks);
@@ -545,9 +545,7 @@ TEST_CASE("a tail's wait error reaches finish() and a launch error the run itsel
     {
       // 24 tasks, the GPU's first pull one of them: it pulls again while the CPU side works, and that launch fails.
       core::TaskQueue q(equal_tasks(24));
-      core::QueueSplit uneven;
-      uneven.cpu_share = 0.9;
-      uneven.first_pull = 0.5;
+      const core::QueueSplit uneven = split_at(0.9, 0.5);
       core::QueueTail tail;
       std::atomic<int> running{0};
       REQUIRE_THROWS_AS(core::run_task_queue(
